@@ -1,0 +1,83 @@
+"""Pure-JAX metrics of attention, residual geometry and the logit lens (SPEC §1-§5).
+
+All are functions of arrays with token sets given as per-sample boolean masks; see each module's docstring for the
+shared conventions (shapes, padding, empty sets).
+"""
+
+from vlmjax.metrics.attention import (
+    block_mean,
+    block_mean_per_head,
+    box_to_token_mask,
+    concentration,
+    contrastive_attention,
+    default_layer_weight,
+    entropy,
+    grid_to_visual_map,
+    head_detection_score,
+    hellinger,
+    last_query_visual_map,
+    region_mass,
+    spatial_entropy,
+    top_fraction_clusters,
+    top_fraction_mask,
+    visual_fraction,
+    visual_fraction_per_head,
+    visual_map_to_grid,
+    visual_mass,
+)
+from vlmjax.metrics.geometry import (
+    batched_effective_rank,
+    batched_mix_ig,
+    batched_rid,
+    batched_rid_terms,
+    batched_token_mixing_entropy,
+    effective_rank,
+    mix_ig,
+    rid,
+    rid_terms,
+    token_mixing_entropy,
+)
+from vlmjax.metrics.lens import (
+    cosine_of_updates,
+    gather_positions,
+    lens_logits,
+    lens_target_rank_and_prob,
+    lens_top_k,
+)
+
+__all__ = [
+    "batched_effective_rank",
+    "batched_mix_ig",
+    "batched_rid",
+    "batched_rid_terms",
+    "batched_token_mixing_entropy",
+    "block_mean",
+    "block_mean_per_head",
+    "box_to_token_mask",
+    "concentration",
+    "contrastive_attention",
+    "cosine_of_updates",
+    "default_layer_weight",
+    "effective_rank",
+    "entropy",
+    "gather_positions",
+    "grid_to_visual_map",
+    "head_detection_score",
+    "hellinger",
+    "last_query_visual_map",
+    "lens_logits",
+    "lens_target_rank_and_prob",
+    "lens_top_k",
+    "mix_ig",
+    "region_mass",
+    "rid",
+    "rid_terms",
+    "spatial_entropy",
+    "token_mixing_entropy",
+    "top_fraction_clusters",
+    "top_fraction_mask",
+    "visual_fraction",
+    "visual_fraction_per_head",
+    "visual_map_to_grid",
+    "visual_mass",
+]
