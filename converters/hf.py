@@ -1,0 +1,254 @@
+"""Hugging Face checkpoint directory <-> vlmjax parameter pytree.
+
+Reading goes one tensor at a time (safetensors, single file or sharded with an index) into preallocated stacked
+arrays of the target dtype, so peak host memory is the converted model plus one tensor. Every tensor is checked
+against the shape the model expects; missing, unexpected and mis-shaped tensors are reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from converters.keymaps import ROWS, KeyMap, is_ignored
+from vlmjax import config as vconfig
+from vlmjax.errors import VlmJaxError
+
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+    "chat_template.jinja", "generation_config.json",
+)
+
+
+def read_hf_config(path: str | os.PathLike):
+    """The transformers config of a checkpoint directory, with clear errors for a missing or foreign config."""
+    path = Path(path)
+    if not path.exists():
+        raise VlmJaxError(f"{path} does not exist. vlmjax loads local directories only (no model hub is reached): "
+                          "save the checkpoint to a directory (save_pretrained) and pass its path.")
+    if not path.is_dir():
+        raise VlmJaxError(f"{path} is not a directory. Pass the path of an HF checkpoint directory "
+                          "(config.json + *.safetensors) or of a directory written by `vlmjax convert`.")
+    if not (path / "config.json").is_file():
+        raise VlmJaxError(f"No config.json in {path}. An HF checkpoint directory needs config.json beside its "
+                          "*.safetensors files (save it with model.save_pretrained(dir)).")
+    from transformers import AutoConfig
+
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in vconfig.MODEL_TYPES:
+        raise VlmJaxError(f"Unsupported model_type {model_type!r} in {path / 'config.json'}. vlmjax implements "
+                          f"{sorted(vconfig.MODEL_TYPES)}.")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def model_module(cfg):
+    from vlmjax.models import llava
+
+    return {"llava": llava}[cfg.model_type]
+
+
+def expected_shapes(cfg) -> dict[str, tuple]:
+    """Flat {'a/b/c': shape} of the parameters the model expects."""
+    flat = {}
+
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}/")
+            else:
+                flat[prefix + k] = tuple(v)
+
+    walk(model_module(cfg).param_shapes(cfg), "")
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """{hf key: file} from the sharded index, or from the single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {k: path / f for k, f in weight_map.items()}
+        missing = sorted({str(f) for f in files.values() if not f.is_file()})
+        if missing:
+            raise VlmJaxError(f"The index {index.name} names shard files that are not in {path}: {missing}.")
+        return files
+    singles = sorted(path.glob("*.safetensors"))
+    if not singles:
+        extra = " (PyTorch .bin weights are not read: re-save with safe_serialization=True)" if list(
+            path.glob("*.bin")) else ""
+        raise VlmJaxError(f"No *.safetensors weights in {path}{extra}. Save the model with "
+                          "model.save_pretrained(dir) so the directory holds model.safetensors.")
+    files = {}
+    for f in singles:
+        with safe_open(str(f), framework="flax") as sf:
+            files.update({k: f for k in sf.keys()})
+    return files
+
+
+def _to_ours(array: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "linear":
+        return array.T
+    if transform == "conv":
+        return array.reshape(array.shape[0], -1).T
+    return array
+
+
+def _to_hf(array: np.ndarray, transform: str, hf_shape=None) -> np.ndarray:
+    if transform == "linear":
+        return array.T
+    if transform == "conv":
+        return array.T.reshape(hf_shape)
+    return array
+
+
+def load_params(path: str | os.PathLike, cfg, dtype=jnp.float32, progress: bool = True) -> dict:
+    """Read an HF checkpoint directory into the vlmjax pytree (numpy arrays of `dtype`)."""
+    path = Path(path)
+    keymap = KeyMap(ROWS[cfg.model_type])
+    shapes = expected_shapes(cfg)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
+    filled = {p: np.zeros(s[0] if _stacked(p) else 1, bool) for p, s in shapes.items()}
+    files = _weight_files(path)
+    unexpected, tied_head = [], "text/lm_head/kernel" not in shapes
+    by_file: dict[Path, list[str]] = {}
+    for k, f in files.items():
+        by_file.setdefault(f, []).append(k)
+    bar = tqdm(total=len(files), desc="reading tensors", unit="tensor", disable=not progress)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="flax") as sf:
+            for key in keys:
+                bar.update(1)
+                if is_ignored(key):
+                    continue
+                found = keymap.lookup(key)
+                if found is None:
+                    unexpected.append(key)
+                    continue
+                p, layer, transform = found
+                if p == "text/lm_head/kernel" and tied_head:
+                    continue  # tied to the embeddings: HF may still store a copy
+                if p not in shapes:
+                    unexpected.append(key)
+                    continue
+                value = _to_ours(np.asarray(sf.get_tensor(key)), transform)
+                want = shapes[p][1:] if layer is not None else shapes[p]
+                if layer is not None and layer >= shapes[p][0]:
+                    unexpected.append(key)
+                    continue
+                if tuple(value.shape) != tuple(want):
+                    raise VlmJaxError(
+                        f"Shape mismatch for {key}: the checkpoint has {tuple(value.shape)} (after conversion to "
+                        f"vlmjax layout), config.json implies {tuple(want)}. The config and the weights disagree: "
+                        "check hidden sizes, head counts and vocab_size in config.json.")
+                if layer is None:
+                    out[p][...] = value.astype(np_dtype)
+                    filled[p][0] = True
+                else:
+                    out[p][layer] = value.astype(np_dtype)
+                    filled[p][layer] = True
+    bar.close()
+    missing = [_describe(keymap, p, np.flatnonzero(~f)) for p, f in filled.items() if not f.all()]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+        raise VlmJaxError(f"The checkpoint in {path} does not match its config ({'; '.join(parts)}). "
+                          "Check that config.json belongs to these weights (layer counts, tie_word_embeddings, "
+                          "attention_bias), or re-save the model with save_pretrained.")
+    return unflatten(out)
+
+
+def _stacked(path: str) -> bool:
+    return "/layers/" in path
+
+
+def _describe(keymap: KeyMap, path: str, layers) -> str:
+    template = next(t for t, p, _ in keymap.rows if p == path)
+    if "{i}" in template:
+        return template.replace("{i}", str(list(layers)) if len(layers) > 1 else str(layers[0]))
+    return template
+
+
+def save_hf(params: dict, cfg, hf_config, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
+            max_shard_bytes: int = 4 << 30) -> Path:
+    """Write vlmjax params as an HF checkpoint directory (newest key layout, sharded safetensors with an index
+    when larger than `max_shard_bytes`), with the config and, if `source_dir` is given, its processor files."""
+    from safetensors.flax import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keymap = KeyMap(ROWS[cfg.model_type])
+    flat = flatten(jax.tree.map(np.asarray, params))
+    conv_shape = (cfg.vision.hidden_size, cfg.vision.num_channels, cfg.vision.patch_size, cfg.vision.patch_size)
+    tensors = {}
+    for p, array in flat.items():
+        for key, layer, transform in keymap.hf_keys(p, array.shape[0] if _stacked(p) else None):
+            value = array[layer] if layer is not None else array
+            tensors[key] = np.ascontiguousarray(_to_hf(value, transform, conv_shape))
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensors[key]
+        size += nbytes
+    shards.append(current)
+    for old in out_dir.glob("model*.safetensors*"):
+        old.unlink()
+    if len(shards) == 1:
+        save_file({k: jnp.asarray(v) for k, v in shards[0].items()}, str(out_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: jnp.asarray(v) for k, v in shard.items()}, str(out_dir / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.nbytes for v in tensors.values())
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    hf_config.save_pretrained(str(out_dir))
+    if source_dir is not None:
+        copy_processor_files(source_dir, out_dir)
+    return out_dir
+
+
+def copy_processor_files(source_dir, out_dir):
+    for name in PROCESSOR_FILES:
+        src = Path(source_dir) / name
+        if src.is_file() and Path(source_dir).resolve() != Path(out_dir).resolve():
+            shutil.copy2(src, Path(out_dir) / name)

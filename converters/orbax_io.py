@@ -1,0 +1,62 @@
+"""Converted checkpoints: an orbax-checkpoint parameter tree beside the HF config and processor files.
+
+Layout of a converted directory: config.json (the HF config), vlmjax.json (format marker and dtype), params/
+(orbax StandardCheckpointer), and the tokenizer / processor files copied from the source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from converters.hf import copy_processor_files
+from vlmjax.errors import VlmJaxError
+
+MARKER = "vlmjax.json"
+FORMAT = "vlmjax-orbax"
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def save(params: dict, hf_config, out_dir: str | os.PathLike, source_dir=None) -> Path:
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "params"
+    if target.exists():
+        raise VlmJaxError(f"{target} already exists; choose an empty output directory or delete it first.")
+    dtype = str(jax.tree.leaves(params)[0].dtype)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, jax.tree.map(jnp.asarray, params))
+    checkpointer.wait_until_finished()
+    hf_config.save_pretrained(str(out_dir))
+    (out_dir / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1, "dtype": dtype}, indent=2))
+    if source_dir is not None:
+        copy_processor_files(source_dir, out_dir)
+    return out_dir
+
+
+def restore(path: str | os.PathLike, abstract_params) -> dict:
+    """Restore into the structure, shapes and dtypes of `abstract_params` (a tree of jax.ShapeDtypeStruct)."""
+    path = Path(path).resolve()
+    meta = json.loads((path / MARKER).read_text())
+    if meta.get("format") != FORMAT:
+        raise VlmJaxError(f"{path / MARKER} is not a vlmjax converted checkpoint marker (format {meta.get('format')!r}).")
+    if not (path / "params").is_dir():
+        raise VlmJaxError(f"{path} has no params/ directory; re-run `vlmjax convert`.")
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / "params", abstract_params)
+    except (ValueError, KeyError) as e:
+        raise VlmJaxError(f"The converted checkpoint in {path} does not match its config.json: {e}") from None
+    return jax.tree.map(np.asarray, restored)
+
+
+def stored_dtype(path) -> str:
+    return json.loads((Path(path) / MARKER).read_text())["dtype"]

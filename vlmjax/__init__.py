@@ -1,0 +1,6 @@
+"""vlmjax: vision-language models in JAX as pure functions, verified against HF, instrumented for research."""
+
+from vlmjax.api import VLM, ModelOutput, load
+from vlmjax.errors import VlmJaxError
+
+__all__ = ["VLM", "ModelOutput", "VlmJaxError", "load"]

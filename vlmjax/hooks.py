@@ -1,0 +1,175 @@
+"""Sites of the forward pass and the hooks that read or change them.
+
+Every model calls `site(name, value)` at the canonical points of its forward pass (see `BLOCK_SITES` and
+`GLOBAL_SITES`; the full name of a block site is `blocks.{l}.{name}` for the decoder and
+`vision.blocks.{l}.{name}` for the vision tower). A hook is a pytree (a `flax.struct` dataclass): its array fields
+are traced, so one compiled forward serves every value of them (sweeps under `jax.vmap`, gradients with respect to
+them), and its fields listed in `per_layer` carry a leading layer axis that the layer scan slices, so each layer
+sees its own entry. Hooks compose: they run in the order given, each seeing the value the previous one returned.
+
+A hook returns `(new_value, record)`; a record that is not None is returned by the compiled forward under
+`outputs["hooks"][hook_name][site]`, stacked over layers for block sites. That is how metrics are reduced inside
+the forward pass (a record of shape [B, H] per layer instead of the [B, H, N, N] pattern) and how captures work.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from vlmjax.errors import VlmJaxError
+
+BLOCK_SITES = (
+    "resid_pre",  # block input [B, N, D]
+    "attn.input",  # normed input of attention [B, N, D]
+    "attn.q",  # queries before rotary [B, N, H, hd]
+    "attn.k",  # keys before rotary [B, N, KVH, hd]
+    "attn.v",  # values [B, N, KVH, hd]
+    "attn.scores",  # pre-softmax scores after the causal/padding mask [B, H, Nq, Nk]
+    "attn.pattern",  # post-softmax attention probabilities [B, H, Nq, Nk]
+    "attn.z",  # per-head mixed values [B, N, H, hd]
+    "attn.out",  # the attention update added to the residual [B, N, D]
+    "resid_mid",  # residual after attention [B, N, D]
+    "mlp.hidden",  # MLP neurons (act(gate) * up, or act(fc1)) [B, N, I]
+    "mlp.out",  # the MLP update [B, N, D]
+    "resid_post",  # block output [B, N, D]
+)
+GLOBAL_SITES = (
+    "vision.embed",  # vision tower input after patch + position embedding and pre-norm [I, T, Dv]
+    "vision.features",  # the selected vision hidden states fed to the projector [I, T, Dv']
+    "projector.out",  # projected image features [I, T, D]
+    "embed",  # decoder input embeddings after the image features are merged in [B, N, D]
+    "final_norm",  # decoder output after the final norm [B, N, D]
+    "logits",  # [B, N, V]
+)
+STACKS = ("blocks", "vision.blocks")
+
+
+@struct.dataclass
+class Context:
+    """What a hook may read besides the value at its site. Arrays are per batch; `layer` is traced in the scan."""
+
+    stack: str = struct.field(pytree_node=False)
+    visual_mask: Any = None  # [B, N] bool: visual-token positions of each sample (decoder stack and globals)
+    key_padding: Any = None  # [B, N] bool: real (non-padding) tokens
+    layer: Any = None  # scalar int32, the layer index (None at global sites)
+    layer_input: Any = None  # the normed input of the current block's attention [B, N, D]
+
+
+class Hook(struct.PyTreeNode):
+    """Base class of interventions, metrics and captures. Subclasses implement `__call__`."""
+
+    per_layer: ClassVar[tuple[str, ...]] = ()  # fields with a leading [num_layers] axis, sliced by the layer scan
+    stack: ClassVar[str] = "blocks"  # which layer stack `per_layer` fields index
+
+    def __call__(self, site: str, value, ctx: Context) -> tuple[Any, Any]:
+        return value, None
+
+
+class Capture(Hook):
+    """Return the value at each named site: global sites, and decoder block sites stacked over layers [L, ...]."""
+
+    sites: frozenset = struct.field(pytree_node=False, default=frozenset())
+
+    def __call__(self, site, value, ctx):
+        return (value, value) if site in self.sites else (value, None)
+
+
+class VisionCapture(Capture):
+    """Capture on the vision tower's blocks (`vision.blocks.{l}.*`)."""
+
+    stack: ClassVar[str] = "vision.blocks"
+
+
+class SiteRunner:
+    """Runs the hooks at each site while a model function is traced and keeps their records."""
+
+    def __init__(self, hooks: Mapping[str, Hook], ctx: Context):
+        self.hooks = hooks
+        self.ctx = ctx
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, site: str, value):
+        in_block = self.ctx.layer is not None
+        for name, hook in self.hooks.items():
+            if in_block and hook.stack != self.ctx.stack:
+                continue
+            value, record = hook(site, value, self.ctx)
+            if record is not None:
+                self.records.setdefault(name, {})[site] = record
+        return value
+
+
+def split_per_layer(hooks: Mapping[str, Hook], stack: str, start: int, stop: int):
+    """(scanned, rebuild): the per-layer fields of hooks on `stack` sliced to [start, stop), and a function that
+    puts one layer's slice back into the hooks inside the scan body."""
+    scanned = {}
+    for name, hook in hooks.items():
+        if hook.stack == stack and hook.per_layer:
+            scanned[name] = {f: getattr(hook, f)[start:stop] for f in hook.per_layer}
+
+    def rebuild(layer_slices):
+        return {
+            name: (hook.replace(**layer_slices[name]) if name in layer_slices else hook) for name, hook in hooks.items()
+        }
+
+    return scanned, rebuild
+
+
+def check_per_layer(hooks: Mapping[str, Hook], num_layers: Mapping[str, int]):
+    """Clear error when a hook's per-layer array does not have one entry per layer of its stack."""
+    for name, hook in hooks.items():
+        for f in hook.per_layer:
+            arr = getattr(hook, f)
+            n = num_layers[hook.stack]
+            if jnp.ndim(arr) == 0 or jnp.shape(arr)[0] != n:
+                raise VlmJaxError(
+                    f"Hook {name!r} field {f!r} must have a leading axis of {n} (one entry per layer of "
+                    f"{hook.stack!r}), got shape {jnp.shape(arr)}. Build it with the hook's constructor helper."
+                )
+
+
+def parse_site(name: str, num_layers: Mapping[str, int]) -> tuple[str, int | None, str]:
+    """'blocks.3.attn.pattern' -> ('blocks', 3, 'attn.pattern'); 'logits' -> ('', None, 'logits').
+
+    Raises a clear error naming the nearest valid site for a typo or an out-of-range layer."""
+    if name in GLOBAL_SITES:
+        return "", None, name
+    for stack in sorted(STACKS, key=len, reverse=True):
+        prefix = stack + "."
+        if name.startswith(prefix):
+            rest = name[len(prefix) :]
+            layer_str, _, site = rest.partition(".")
+            if layer_str.isdigit() and site in BLOCK_SITES:
+                layer = int(layer_str)
+                n = num_layers.get(stack, 0)
+                if not 0 <= layer < n:
+                    raise VlmJaxError(f"Site {name!r}: layer {layer} out of range; {stack} has layers 0..{n - 1}.")
+                return stack, layer, site
+            break
+    examples = list(GLOBAL_SITES) + [f"{s}.0.{b}" for s in STACKS for b in BLOCK_SITES]
+    close = difflib.get_close_matches(name, examples, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise VlmJaxError(f"Unknown site {name!r}.{hint} Valid: {', '.join(GLOBAL_SITES)}, or blocks.<l>.<site> / "
+                      f"vision.blocks.<l>.<site> with <site> in {', '.join(BLOCK_SITES)}.")
+
+
+
+def scan_layers(block, layer_params, x, hooks: Mapping[str, Hook], ctx: Context, start: int, stop: int):
+    """Run layers [start, stop) of a stack under `jax.lax.scan`: (x_out, records stacked over those layers).
+
+    `block(p, x, run)` is one layer; `run` is the SiteRunner it calls at each site."""
+    scanned, rebuild = split_per_layer(hooks, ctx.stack, start, stop)
+    params = jax.tree.map(lambda p: p[start:stop], layer_params)
+
+    def body(h, xs):
+        p, layer, hook_slices = xs
+        runner = SiteRunner(rebuild(hook_slices), ctx.replace(layer=layer))
+        h = block(p, h, runner)
+        return h, runner.records
+
+    return jax.lax.scan(body, x, (params, jnp.arange(start, stop, dtype=jnp.int32), scanned))

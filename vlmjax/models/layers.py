@@ -1,0 +1,134 @@
+"""Primitives shared by every model file: norms, activations, rotary embeddings, masks and attention with sites.
+
+Numerics follow the HF PyTorch reference exactly where it matters for fp32 parity: RMSNorm in fp32 then cast before
+the weight, softmax in fp32 then cast to the compute dtype, masks added as finfo.min (never -inf), rotary tables in
+fp32 cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.config import RopeConfig
+from vlmjax.errors import VlmJaxError
+
+
+def linear(p: dict, x: jax.Array) -> jax.Array:
+    """x @ kernel (+ bias); kernel is [in, out]."""
+    y = x @ p["kernel"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    dtype = x.dtype
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return p["scale"] * h.astype(dtype)
+
+
+def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+    dtype = x.dtype
+    h = x.astype(jnp.float32)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + eps)
+    return (h * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+
+
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": _quick_gelu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise VlmJaxError(f"Unsupported activation {name!r}; vlmjax knows {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies in float32, computed as HF does (so the tables agree to the last bit where possible)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(inv_freq: np.ndarray, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, N, head_dim] for integer positions [B, N] (fp32 math, cast to the compute dtype)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, N, H, hd]; cos/sin [B, N, hd]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def additive_mask(allowed: jax.Array, dtype) -> jax.Array:
+    """0 where allowed, finfo(dtype).min elsewhere (as HF eager attention; -inf would give NaN on empty rows)."""
+    return jnp.where(allowed, jnp.zeros((), dtype), jnp.finfo(dtype).min)
+
+
+def causal_allowed(
+    key_padding: jax.Array, num_queries: int, sliding_window: int | None = None, query_offset: int | jax.Array = 0
+) -> jax.Array:
+    """[B, 1, Nq, Nk] bool: key j visible to query i (absolute index i + offset) under causality, window, padding."""
+    nk = key_padding.shape[-1]
+    q_idx = jnp.arange(num_queries)[:, None] + query_offset
+    k_idx = jnp.arange(nk)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (k_idx > q_idx - sliding_window)
+    return allowed[None, None] & key_padding[:, None, None, :].astype(bool)
+
+
+def attention(q, k, v, mask_add, site, scale: float):
+    """Scaled dot-product attention exposing the canonical sites.
+
+    q [B, Nq, H, hd], k/v [B, Nk, KVH, hd] (grouped-query heads are shared by H // KVH query heads),
+    mask_add broadcastable to [B, H, Nq, Nk] or None. Sites: attn.scores (pre-softmax, after the mask),
+    attn.pattern (post-softmax), attn.z (per-head mixed values [B, Nq, H, hd]).
+    """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != heads:
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
+    if mask_add is not None:
+        scores = scores + mask_add
+    scores = site("attn.scores", scores)
+    pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    pattern = site("attn.pattern", pattern)
+    z = jnp.einsum("bhqk,bkhd->bqhd", pattern, v)
+    return site("attn.z", z)

@@ -1,0 +1,76 @@
+"""LLaVA-1.5: CLIP vision tower -> MLP projector -> image features written over the image tokens -> decoder.
+
+`forward(params, batch, cfg, hooks)` is pure and jittable; `batch` holds input_ids [B, N], attention_mask [B, N],
+pixel_values [I, C, H, W] (the images of all samples in order, as the HF processor returns them) and optionally
+position_ids [B, N]. Visual-token positions are read from input_ids (== cfg.image_token_id), per sample.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vlmjax.config import LlavaConfig
+from vlmjax.hooks import Context, SiteRunner
+from vlmjax.models import clip, decoder
+from vlmjax.models.layers import activation, linear, rope_inv_freq, rope_tables
+
+
+def param_shapes(cfg: LlavaConfig) -> dict:
+    dv = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
+    d = cfg.text.hidden_size
+    bias = lambda n: {"bias": (n,)} if cfg.projector_bias else {}
+    return {
+        "vision": clip.param_shapes(cfg.vision),
+        "projector": {"linear_1": {"kernel": (dv, d), **bias(d)}, "linear_2": {"kernel": (d, d), **bias(d)}},
+        "text": decoder.param_shapes(cfg.text),
+    }
+
+
+def image_features(params, pixel_values, cfg: LlavaConfig, hooks, run_global) -> jax.Array:
+    """[I, T, D]: selected vision hidden states (CLS dropped for the "default" strategy), projected."""
+    states, records, _ = clip.hidden_states_at(
+        params["vision"], pixel_values, cfg.vision, cfg.vision_feature_layers, hooks, run_global
+    )
+    for name, r in records.items():
+        run_global.records.setdefault(name, {}).update(r)
+    if cfg.vision_feature_select_strategy == "default":
+        states = tuple(s[:, 1:] for s in states)
+    feats = run_global("vision.features", jnp.concatenate(states, axis=-1))
+    p = params["projector"]
+    h = activation(cfg.projector_hidden_act)(linear(p["linear_1"], feats))
+    return run_global("projector.out", linear(p["linear_2"], h))
+
+
+def merge_image_features(embeds, input_ids, features, image_token_id):
+    """Write the image features, in order, over the image-token positions (HF's masked_scatter)."""
+    b, n, d = embeds.shape
+    is_image = (input_ids == image_token_id).reshape(-1)
+    flat = features.reshape(-1, d).astype(embeds.dtype)
+    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat.shape[0] - 1)
+    return jnp.where(is_image[:, None], flat[index], embeds.reshape(-1, d)).reshape(b, n, d)
+
+
+def forward(params, batch, cfg: LlavaConfig, hooks=None, *, output_hidden_states=False, output_attentions=False,
+            logits="all") -> dict:
+    hooks = decoder.output_hooks(hooks, output_hidden_states, output_attentions)
+    input_ids = batch["input_ids"]
+    key_padding = batch.get("attention_mask")
+    key_padding = jnp.ones_like(input_ids, bool) if key_padding is None else key_padding.astype(bool)
+    visual_mask = input_ids == cfg.image_token_id
+    run_global = SiteRunner(hooks, Context(stack="", visual_mask=visual_mask, key_padding=key_padding))
+
+    text = params["text"]
+    x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
+    out = {}
+    if batch.get("pixel_values") is not None:
+        feats = image_features(params, batch["pixel_values"], cfg, hooks, run_global)
+        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
+        out["image_features"] = feats
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    cos, sin = rope_tables(rope_inv_freq(cfg.text.rope, cfg.text.head_dim), positions, x.dtype)
+    out.update(decoder.forward_from_embeddings(
+        text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits))
+    return out

@@ -1,0 +1,81 @@
+"""The HF PyTorch reference, run on the same inputs as vlmjax, and a per-layer comparison of the two.
+
+Used by `vlmjax verify` (the check a user runs on their own checkpoint) and by the parity tests. Needs torch
+(the `reference` extra). The reference runs in fp32 with eager attention so attention probabilities exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vlmjax.errors import VlmJaxError
+
+
+def load_hf_model(path, dtype: str = "float32"):
+    try:
+        import torch
+        from transformers import AutoModelForImageTextToText
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise VlmJaxError("The HF reference needs torch: pip install 'vlmjax[reference]'.") from e
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                        attn_implementation="eager")
+    return model.eval()
+
+
+def run_hf(model, inputs: dict) -> dict:
+    """logits, hidden_states, attentions (numpy, fp32) of the HF model on `inputs` (processor outputs)."""
+    import torch
+
+    feed = {k: (torch.as_tensor(np.asarray(v)) if not hasattr(v, "detach") else v) for k, v in inputs.items()}
+    if "pixel_values" in feed:
+        feed["pixel_values"] = feed["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        out = model(**feed, output_hidden_states=True, output_attentions=True)
+    f = lambda t: t.float().numpy()
+    return {"logits": f(out.logits), "hidden_states": [f(h) for h in out.hidden_states],
+            "attentions": [f(a) for a in out.attentions]}
+
+
+@dataclasses.dataclass
+class Comparison:
+    logits: float
+    hidden_states: list[float]
+    attentions: list[float]
+
+    @property
+    def worst(self) -> float:
+        return max([self.logits, *self.hidden_states, *self.attentions])
+
+    def table(self) -> str:
+        rows = [f"{'layer':>6} {'hidden max|Δ|':>15} {'attention max|Δ|':>17}"]
+        for i, h in enumerate(self.hidden_states):
+            a = self.attentions[i - 1] if 0 < i <= len(self.attentions) else None
+            label = "embed" if i == 0 else str(i - 1)
+            rows.append(f"{label:>6} {h:>15.3e} {'' if a is None else f'{a:>17.3e}'}")
+        rows.append(f"{'logits':>6} {self.logits:>15.3e}")
+        return "\n".join(rows)
+
+
+def _max_abs(a, b, valid=None) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise VlmJaxError(f"Shapes differ between vlmjax {a.shape} and HF {b.shape}.")
+    d = np.abs(a - b)
+    if valid is not None:
+        d = d[valid]
+    return float(d.max()) if d.size else 0.0
+
+
+def compare(ours: dict, theirs: dict, attention_mask=None) -> Comparison:
+    """max |Δ| per layer. With `attention_mask`, positions that are padding are left out of hidden states and
+    logits, and padded query rows out of attention (their values are defined by convention only)."""
+    valid = None if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    rows = None if valid is None else valid[:, None, :, None] & np.ones((1, 1, 1, 1), bool)
+    hidden = [_max_abs(o, t, valid) for o, t in zip(ours["hidden_states"], theirs["hidden_states"], strict=True)]
+    attn = []
+    for o, t in zip(ours["attentions"], theirs["attentions"], strict=True):
+        sel = None if rows is None else np.broadcast_to(rows, np.shape(o))
+        attn.append(_max_abs(o, t, sel))
+    return Comparison(_max_abs(ours["logits"], theirs["logits"], valid), hidden, attn)

@@ -1,0 +1,82 @@
+"""Tiny randomly initialised HF checkpoints with a locally built tokenizer and processor.
+
+No model hub is reachable here, so the tests, `vlmjax verify --tiny` and the README's first command build their
+models with this module: a real `LlavaForConditionalGeneration` saved by `save_pretrained`, loaded back through the
+same code path a user's real checkpoint takes. Needs the `reference` extra (torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ("the a an is are there in on of image picture what how many color colour yes no red green blue yellow "
+         "circle square triangle star cross diamond small large box left right top bottom and or not user "
+         "assistant describe object objects shape shapes ? . , : USER ASSISTANT").split()
+SPECIAL = ("<unk>", "<s>", "</s>", "<pad>")
+IMAGE_TOKEN = "<image>"
+
+# Configurations that differ in what matters for parity (issue 2).
+VARIANTS = {
+    "mha": dict(text=dict(num_attention_heads=4, num_key_value_heads=4)),
+    "gqa": dict(text=dict(num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": dict(text=dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=16)),
+    "full_last": dict(vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    "multi_layer": dict(vision_feature_layer=[-3, -1]),
+    "tied": dict(text=dict(tie_word_embeddings=True), tie_word_embeddings=True),
+    "rope_linear": dict(text=dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+}
+
+
+def build_tokenizer(out_dir: str | Path | None = None, extra_words=()):
+    """A word-level fast tokenizer with the LLaVA special tokens (image token included)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate((*SPECIAL, IMAGE_TOKEN, *dict.fromkeys((*WORDS, *extra_words))))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def make_tiny_llava(out_dir: str | Path, variant: str = "gqa", seed: int = 0, vocab_size: int = 128,
+                    image_size: int = 56, patch_size: int = 14, text_layers: int = 3, vision_layers: int = 3,
+                    overrides: dict | None = None):
+    """Build, save and return (model, processor) of a tiny random LLaVA with a working processor."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor, MistralConfig, LlamaConfig
+
+    spec = {**VARIANTS[variant], **(overrides or {})}
+    text_spec = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=3,
+                     bos_token_id=1, eos_token_id=2)
+    text_spec.update(spec.get("text", {}))
+    model_type = text_spec.pop("model_type", "llama")
+    text_cfg = (MistralConfig if model_type == "mistral" else LlamaConfig)(**text_spec)
+    vision_cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers,
+                                  num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                                  projection_dim=32)
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    top = {k: v for k, v in spec.items() if k not in ("text",)}
+    cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
+                      **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top})
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF's default init is near zero for norms/biases; perturb so every parameter matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return model, processor

@@ -1,0 +1,85 @@
+"""Visual-token metadata: where each sample's image tokens are, which image and patch each one shows.
+
+Computed on the host from input ids and the config's image token id (never a constant span), carried beside the
+batch, and used by every intervention and metric that needs the visual set V of SPEC.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from vlmjax.errors import VlmJaxError
+
+TEXT, PATCH, CLS = 0, 1, 2
+KIND_NAMES = {TEXT: "text", PATCH: "patch", CLS: "cls"}
+
+
+@dataclasses.dataclass
+class ImageSpan:
+    sample: int  # row of the batch
+    start: int  # first token position
+    length: int  # number of visual tokens
+    grid: tuple[int, int]  # patch grid (rows, cols) of its patch tokens
+
+
+@dataclasses.dataclass
+class VisualTokens:
+    mask: np.ndarray  # [B, N] bool
+    image_index: np.ndarray  # [B, N] int32, index into pixel_values' images, -1 for text
+    grid_row: np.ndarray  # [B, N] int32 patch row, -1 where the token is not a patch
+    grid_col: np.ndarray  # [B, N] int32
+    kind: np.ndarray  # [B, N] int8: TEXT, PATCH, CLS
+    images: list[ImageSpan]
+
+    def positions(self, sample: int) -> np.ndarray:
+        return np.flatnonzero(self.mask[sample])
+
+    def compat_first_columns(self, count: int) -> np.ndarray:
+        """[B, N] bool: the first `count` key columns, whatever they hold. Reproduces code that hard-coded the
+        visual span (e.g. count=576 in the VIAR release); use only to reproduce a published number."""
+        cols = np.zeros(self.mask.shape, bool)
+        cols[:, :count] = True
+        return cols
+
+
+def llava_visual_tokens(input_ids: np.ndarray, image_token_id: int, grid: int, with_cls: bool,
+                        num_images: int | None = None) -> VisualTokens:
+    """Metadata for LLaVA-1.5 prompts: each image is a contiguous run of tokens_per_image image tokens."""
+    input_ids = np.asarray(input_ids)
+    per_image = grid * grid + int(with_cls)
+    mask = input_ids == image_token_id
+    b, n = mask.shape
+    image_index = np.full((b, n), -1, np.int32)
+    row = np.full((b, n), -1, np.int32)
+    col = np.full((b, n), -1, np.int32)
+    kind = np.zeros((b, n), np.int8)
+    images = []
+    for s in range(b):
+        pos = np.flatnonzero(mask[s])
+        if len(pos) % per_image:
+            raise VlmJaxError(
+                f"Sample {s} has {len(pos)} image tokens, not a multiple of the {per_image} tokens one image "
+                f"takes in this model. Build the prompt with the model's processor, which expands each image "
+                f"placeholder to {per_image} image tokens.")
+        for start in pos[::per_image]:
+            span = np.arange(start, start + per_image)
+            if not mask[s, span].all():
+                raise VlmJaxError(f"Sample {s}: the image tokens starting at position {start} are not contiguous; "
+                                  f"each image must be one run of {per_image} image tokens.")
+            idx = len(images)
+            image_index[s, span] = idx
+            patches = span[int(with_cls):]
+            if with_cls:
+                kind[s, start] = CLS
+            kind[s, patches] = PATCH
+            row[s, patches] = np.arange(grid * grid) // grid
+            col[s, patches] = np.arange(grid * grid) % grid
+            images.append(ImageSpan(sample=s, start=int(start), length=per_image, grid=(grid, grid)))
+    if num_images is not None and len(images) != num_images:
+        raise VlmJaxError(
+            f"pixel_values holds {num_images} image(s) but the input ids have image tokens for {len(images)} "
+            f"({int(mask.sum())} image tokens, {per_image} per image). Pass one image per image placeholder in "
+            "the prompt (the processor does this when given the same images and text).")
+    return VisualTokens(mask, image_index, row, col, kind, images)
