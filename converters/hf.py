@@ -18,8 +18,8 @@ import numpy as np
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from converters.keymaps import ROWS, KeyMap, is_ignored
-from vlmjax import config as vconfig
+from converters.keymaps import KeyMap, is_ignored
+from vlmjax import models
 from vlmjax.errors import VlmJaxError
 
 PROCESSOR_FILES = (
@@ -43,17 +43,12 @@ def read_hf_config(path: str | os.PathLike):
                           "*.safetensors files (save it with model.save_pretrained(dir)).")
     from transformers import AutoConfig
 
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type not in vconfig.MODEL_TYPES:
-        raise VlmJaxError(f"Unsupported model_type {model_type!r} in {path / 'config.json'}. vlmjax implements "
-                          f"{sorted(vconfig.MODEL_TYPES)}.")
+    models.family(json.loads((path / "config.json").read_text()).get("model_type"))  # clear error if unsupported
     return AutoConfig.from_pretrained(str(path))
 
 
 def model_module(cfg):
-    from vlmjax.models import llava
-
-    return {"llava": llava}[cfg.model_type]
+    return models.family(cfg.model_type)
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:
@@ -134,7 +129,7 @@ def _to_hf(array: np.ndarray, transform: str, hf_shape=None) -> np.ndarray:
 def load_params(path: str | os.PathLike, cfg, dtype=jnp.float32, progress: bool = True) -> dict:
     """Read an HF checkpoint directory into the vlmjax pytree (numpy arrays of `dtype`)."""
     path = Path(path)
-    keymap = KeyMap(ROWS[cfg.model_type])
+    keymap = KeyMap(model_module(cfg).KEY_ROWS)
     shapes = expected_shapes(cfg)
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
@@ -210,9 +205,10 @@ def save_hf(params: dict, cfg, hf_config, out_dir: str | os.PathLike, source_dir
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keymap = KeyMap(ROWS[cfg.model_type])
+    module = model_module(cfg)
+    keymap = KeyMap(module.KEY_ROWS)
     flat = flatten(jax.tree.map(np.asarray, params))
-    conv_shape = (cfg.vision.hidden_size, cfg.vision.num_channels, cfg.vision.patch_size, cfg.vision.patch_size)
+    conv_shape = module.conv_kernel_shape(cfg)
     tensors = {}
     for p, array in flat.items():
         for key, layer, transform in keymap.hf_keys(p, array.shape[0] if _stacked(p) else None):

@@ -74,9 +74,6 @@ LLAVA_ROWS = (
     *DECODER_ROWS,
 )
 
-ROWS = {"llava": LLAVA_ROWS}
-
-
 def canonical_key(key: str) -> str:
     for old, new in CANONICAL_PREFIXES:
         key = re.sub(old, new, key)

@@ -11,13 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmjax import config as vconfig
+from vlmjax import models
 from vlmjax.errors import VlmJaxError
-from vlmjax.visual import VisualTokens, llava_visual_tokens
-
-ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "position_ids")
-IGNORED_INPUTS = ("token_type_ids",)  # returned by some tokenizers, unused by these models
-
+from vlmjax.visual import VisualTokens
 
 class ModelOutput(dict):
     """A dict of named intermediates with attribute access (`out.logits`), like HF's ModelOutput."""
@@ -58,7 +54,7 @@ class VLM:
 
     @property
     def num_layers(self) -> dict[str, int]:
-        return {"blocks": self.config.text.num_layers, "vision.blocks": self.config.vision.num_layers}
+        return self.module.num_layers(self.config)
 
     def __repr__(self):
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
@@ -67,44 +63,7 @@ class VLM:
     # -- inputs -------------------------------------------------------------------------------------------------
     def prepare(self, inputs: Mapping[str, Any]) -> tuple[dict, VisualTokens]:
         """Check and convert processor outputs (numpy or torch) into the batch the forward takes, with metadata."""
-        unknown = sorted(set(inputs) - set(ACCEPTED_INPUTS) - set(IGNORED_INPUTS))
-        if unknown:
-            raise VlmJaxError(f"Unexpected input(s) {unknown} for {self.config.model_type}; accepted: "
-                              f"{list(ACCEPTED_INPUTS)}.")
-        if inputs.get("input_ids") is None:
-            raise VlmJaxError("input_ids is required (the processor's output for the prompt).")
-        ids = _to_numpy(inputs["input_ids"])
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise VlmJaxError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}.")
-        cfg = self.config
-        text_ids = ids[ids != cfg.image_token_id]
-        if text_ids.size and (text_ids.min() < 0 or text_ids.max() >= cfg.text.vocab_size):
-            raise VlmJaxError(f"input_ids hold token ids outside the vocabulary [0, {cfg.text.vocab_size}): "
-                              f"min {text_ids.min()}, max {text_ids.max()}. Use this model's tokenizer.")
-        batch = {"input_ids": ids.astype(np.int32)}
-        mask = _to_numpy(inputs.get("attention_mask"))
-        if mask is not None:
-            mask = mask[None] if mask.ndim == 1 else mask
-            if mask.shape != ids.shape:
-                raise VlmJaxError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
-            batch["attention_mask"] = mask.astype(bool)
-        else:
-            batch["attention_mask"] = np.ones(ids.shape, bool)
-        if inputs.get("position_ids") is not None:
-            batch["position_ids"] = _to_numpy(inputs["position_ids"]).astype(np.int32).reshape(ids.shape)
-        pixels = _to_numpy(inputs.get("pixel_values"))
-        vc = cfg.vision
-        if pixels is not None:
-            want = (vc.num_channels, vc.image_size, vc.image_size)
-            if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
-                raise VlmJaxError(f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}] for this "
-                                  f"model, got {tuple(pixels.shape)}. Preprocess images with the model's processor.")
-            batch["pixel_values"] = pixels.astype(np.dtype(self.dtype))
-        meta = llava_visual_tokens(ids, cfg.image_token_id, vc.grid_size, cfg.vision_feature_select_strategy == "full",
-                                   num_images=0 if pixels is None else pixels.shape[0])
-        return batch, meta
+        return self.module.prepare_batch(self.config, {k: _to_numpy(v) for k, v in inputs.items()}, self.dtype)
 
     # -- forward ------------------------------------------------------------------------------------------------
     @functools.cached_property
@@ -142,7 +101,7 @@ def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
 
     path = Path(path)
     hf_config = hf_conv.read_hf_config(path)
-    cfg = vconfig.from_hf(hf_config)
+    cfg = models.from_hf(hf_config)
     if orbax_io.is_converted(path):
         dtype = dtype or orbax_io.stored_dtype(path)
         shapes = hf_conv.model_module(cfg).param_shapes(cfg)

@@ -193,16 +193,3 @@ def llava_from_hf(hf_config) -> LlavaConfig:
         projector_bias=bool(_get(hf_config, "multimodal_projector_bias", True)),
     )
 
-
-MODEL_TYPES = {"llava": llava_from_hf}
-
-
-def from_hf(hf_config):
-    """The vlmjax config for an HF config object; clear error for a model_type vlmjax does not implement."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in MODEL_TYPES:
-        raise VlmJaxError(
-            f"Unsupported model_type {model_type!r}. vlmjax implements {sorted(MODEL_TYPES)}; "
-            "check config.json's model_type or open an issue for the family you need."
-        )
-    return MODEL_TYPES[model_type](hf_config)

@@ -1,0 +1,39 @@
+"""Model families. Each family module exposes the same functions, so the API, converter and CLI are generic:
+
+- `config_from_hf(hf_config)` -> frozen config dataclass (hashable: a static jit argument)
+- `param_shapes(cfg)` -> nested dict of shapes (the pytree the converter fills and checks)
+- `KEY_ROWS` -> HF key table (see converters/keymaps.py) and `conv_kernel_shape(cfg)` -> HF shape of its patch conv
+- `prepare_batch(cfg, inputs, dtype)` -> (batch of numpy arrays, VisualTokens): checks processor outputs
+- `forward(params, batch, cfg, hooks, *, output_hidden_states, output_attentions, logits)` -> dict
+- `num_layers(cfg)` -> {"blocks": L, "vision.blocks": Lv}
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vlmjax.errors import VlmJaxError
+
+FAMILIES = {
+    "llava": "vlmjax.models.llava",
+    "llava_next": "vlmjax.models.llava_next",
+    "qwen2_vl": "vlmjax.models.qwen2_vl",
+}
+
+
+def family(model_type: str):
+    """The family module for an HF model_type, with a clear error for one vlmjax does not implement."""
+    if model_type not in FAMILIES:
+        raise VlmJaxError(f"Unsupported model_type {model_type!r}. vlmjax implements {sorted(FAMILIES)}; check "
+                          "config.json's model_type or open an issue for the family you need.")
+    try:
+        return importlib.import_module(FAMILIES[model_type])
+    except ModuleNotFoundError as e:
+        if e.name == FAMILIES[model_type]:
+            raise VlmJaxError(f"model_type {model_type!r} is planned but not implemented yet in this version.") from None
+        raise
+
+
+def from_hf(hf_config):
+    """The vlmjax config of an HF config object."""
+    return family(getattr(hf_config, "model_type", None)).config_from_hf(hf_config)

@@ -1,0 +1,40 @@
+"""Checks of processor outputs shared by every family: clear errors instead of wrong numbers or deep JAX traces."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlmjax.errors import VlmJaxError
+
+IGNORED_INPUTS = ("token_type_ids",)  # returned by some tokenizers, unused by these models
+
+
+def text_batch(inputs: dict, vocab_size: int, image_token_ids: tuple[int, ...], accepted: tuple[str, ...]) -> dict:
+    """input_ids [B, N] int32, attention_mask [B, N] bool and position_ids if given, checked."""
+    unknown = sorted(set(inputs) - set(accepted) - set(IGNORED_INPUTS))
+    if unknown:
+        raise VlmJaxError(f"Unexpected input(s) {unknown}; this model accepts {list(accepted)}.")
+    if inputs.get("input_ids") is None:
+        raise VlmJaxError("input_ids is required (the processor's output for the prompt).")
+    ids = np.asarray(inputs["input_ids"])
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise VlmJaxError(f"input_ids must be an integer array [batch, length], got {ids.dtype} {ids.shape}.")
+    text_ids = ids[~np.isin(ids, image_token_ids)]
+    if text_ids.size and (text_ids.min() < 0 or text_ids.max() >= vocab_size):
+        raise VlmJaxError(f"input_ids hold token ids outside the vocabulary [0, {vocab_size}): min {text_ids.min()}, "
+                          f"max {text_ids.max()}. Use this model's tokenizer.")
+    batch = {"input_ids": ids.astype(np.int32)}
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        mask = np.asarray(mask)
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise VlmJaxError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}.")
+        batch["attention_mask"] = mask.astype(bool)
+    else:
+        batch["attention_mask"] = np.ones(ids.shape, bool)
+    if inputs.get("position_ids") is not None:
+        batch["position_ids"] = np.asarray(inputs["position_ids"]).astype(np.int32)
+    return batch
