@@ -257,3 +257,10 @@ def test_bad_arguments_are_rejected():
         next(shapes.generate_scenes(1, 0, image_size=16))
     with pytest.raises(ValueError, match="max_objects"):
         next(shapes.generate_scenes(1, 0, max_objects=9))
+
+
+def test_command_line_entry_point(tmp_path, capsys):
+    summary = shapes.main([str(tmp_path), "--n-images", "3", "--image-size", "48", "--seed", "5"])
+    assert summary["image_size"] == [48, 48] and summary["images_per_subset"] == {"train": 2, "test": 1}
+    assert '"seed": 5' in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "images")) == 3

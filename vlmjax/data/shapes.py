@@ -80,6 +80,8 @@ ZIPF_EXPONENT = 0.7
 
 # Independent random streams derived from the seed, so adding questions never changes the images.
 _STREAM_PRIOR, _STREAM_SCENE, _STREAM_QUESTIONS = 0, 1, 2
+# Sub-streams of an image's questions; POPE negatives use the split's index in POPE_SPLITS (0-2).
+_TASK_POSITIVES, _TASK_COUNT, _TASK_ATTRIBUTE = 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -442,22 +444,24 @@ def build_questions(
 
     for subset in SUBSETS:
         subset_scenes = [(i, s) for i, s in enumerate(scenes) if s.subset == subset]
+        # Positives depend only on the image, so the three splits ask about the same present objects.
+        positives = {}
+        for index, scene in subset_scenes:
+            rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, _TASK_POSITIVES])
+            present = sorted({obj.category for obj in scene.objects}, key=CATEGORIES.index)
+            chosen = rng.choice(len(present), min(pope_per_image, len(present)), replace=False)
+            positives[index] = [present[i] for i in chosen]
         for split_index, split in enumerate(POPE_SPLITS):
             for index, scene in subset_scenes:
                 rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, split_index])
                 present = {obj.category for obj in scene.objects}
-                present_list = sorted(present, key=CATEGORIES.index)
-                # Positives depend only on the image, so the three splits ask about the same present objects.
-                positive_rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, len(POPE_SPLITS)])
-                n_positive = min(pope_per_image, len(present_list))
-                positives = [present_list[i] for i in positive_rng.choice(len(present_list), n_positive, replace=False)]
-                negatives = pope_negatives(split, present, n_positive, rng, popularity, cooccurrence)
-                for positive, negative in zip(positives, negatives):
+                negatives = pope_negatives(split, present, len(positives[index]), rng, popularity, cooccurrence)
+                for positive, negative in zip(positives[index], negatives):
                     for (colour, shape), label in ((positive, "yes"), (negative, "no")):
                         add(f"pope_{subset}_{split}", scene, question=pope_question(colour, shape), answer=label,
                             question_type="pope", split=split, target={"colour": colour, "shape": shape})
         for index, scene in subset_scenes:
-            rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, len(POPE_SPLITS) + 1])
+            rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, _TASK_COUNT])
             region = _choose_region(rng, scene)
             shapes_inside = sorted({o.shape for o in scene.objects if _box_inside(o.bbox, region)}, key=SHAPES.index)
             if shapes_inside and rng.random() < 0.85:
@@ -469,7 +473,7 @@ def build_questions(
                 answer=str(count_in_region(scene, shape, region)), question_type="count", split=None,
                 region=region, target={"shape": shape})
         for index, scene in subset_scenes:
-            rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, len(POPE_SPLITS) + 2])
+            rng = np.random.default_rng([seed, _STREAM_QUESTIONS, index, _TASK_ATTRIBUTE])
             shape_counts = Counter(o.shape for o in scene.objects)
             colour_counts = Counter(o.colour for o in scene.objects)
             unique_shape = [o for o in scene.objects if shape_counts[o.shape] == 1]

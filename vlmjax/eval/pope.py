@@ -6,9 +6,9 @@ Conventions
   F1 is NaN when either is NaN (the official script would divide by zero).
 - A first-token prediction is "yes" when ``p_yes >= 0.5``; its confidence is ``max(p_yes, 1 - p_yes)``.
 - ECE uses 10 equal-width bins over [0, 1] (the usual convention of Guo et al. 2017), right-closed: with edges
-  ``np.linspace(0, 1, 11)``, bin k holds confidences in ``(edges[k], edges[k+1]]`` and bin 0 also holds 0. Since confidence is at least 0.5, only the upper half is
-  ever populated; ``(0.4, 0.5]`` holds the undecided p_yes = 0.5. ECE = sum over bins of
-  ``(n_bin / n) * |accuracy_bin - mean_confidence_bin|``.
+  ``np.linspace(0, 1, 11)``, bin k holds confidences in ``(edges[k], edges[k+1]]`` and bin 0 also holds 0. Since
+  confidence is at least 0.5, only the upper half is ever populated; ``(0.4, 0.5]`` holds the undecided p_yes = 0.5.
+  ECE = sum over bins of ``(n_bin / n) * |accuracy_bin - mean_confidence_bin|``.
 """
 
 from __future__ import annotations

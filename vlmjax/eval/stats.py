@@ -1,0 +1,114 @@
+"""Statistics the studies use (SPEC.md section 6): McNemar, bootstrap CIs, Cohen's h and power, Beta posteriors,
+point-biserial correlation. All randomness comes from a seeded ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+EXACT_MCNEMAR_BELOW = 25
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    only_a_correct: int  # b: A right, B wrong
+    only_b_correct: int  # c: A wrong, B right
+    statistic: float  # chi-square statistic, or min(b, c) for the exact test
+    p_value: float
+    method: str  # "exact" or "chi2"
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool],
+            exact_below: int = EXACT_MCNEMAR_BELOW) -> McNemarResult:
+    """Two-sided McNemar test that two systems scored on the same items have the same accuracy.
+
+    With b + c discordant pairs: if b + c < ``exact_below`` (25, the usual rule of thumb) the exact test,
+    ``p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2))``; otherwise the chi-square test with continuity correction,
+    ``(|b - c| - 1)^2 / (b + c)`` on 1 degree of freedom. No discordant pairs gives p = 1.
+    """
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired correctness vectors must be 1-D and equal length, got {a.shape} and {b.shape}")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = only_a + only_b
+    if discordant == 0:
+        return McNemarResult(only_a, only_b, 0.0, 1.0, "exact")
+    if discordant < exact_below:
+        p_value = min(1.0, 2.0 * scipy_stats.binom.cdf(min(only_a, only_b), discordant, 0.5))
+        return McNemarResult(only_a, only_b, float(min(only_a, only_b)), float(p_value), "exact")
+    statistic = (abs(only_a - only_b) - 1.0) ** 2 / discordant
+    return McNemarResult(only_a, only_b, statistic, float(scipy_stats.chi2.sf(statistic, df=1)), "chi2")
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+
+def bootstrap_ci(samples: Sequence | tuple[Sequence, ...], statistic: Callable = np.mean, *,
+                 n_resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of ``statistic``.
+
+    ``samples`` is one array, or a tuple of equal-length arrays that are resampled together (paired items), in which
+    case ``statistic`` receives one resampled array per element, e.g. ``lambda a, b: a.mean() - b.mean()``.
+    """
+    arrays = tuple(np.asarray(s) for s in samples) if isinstance(samples, tuple) else (np.asarray(samples),)
+    n = len(arrays[0])
+    if n == 0 or any(len(a) != n for a in arrays):
+        raise ValueError("bootstrap needs non-empty arrays of equal length")
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(n_resamples)
+    for i in range(n_resamples):
+        index = rng.integers(0, n, size=n)
+        estimates[i] = statistic(*(a[index] for a in arrays))
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(estimates, [tail, 100.0 - tail])
+    return Interval(float(statistic(*arrays)), float(low), float(high), level)
+
+
+def cohens_h(p1: float, p2: float) -> float:
+    """Effect size between two proportions: ``2 asin sqrt(p1) - 2 asin sqrt(p2)``."""
+    return 2.0 * math.asin(math.sqrt(p1)) - 2.0 * math.asin(math.sqrt(p2))
+
+
+def power_two_proportions(h: float, n_per_group: float, z_alpha: float = 1.96) -> float:
+    """Approximate power of a two-sided 5% test between two proportions: ``Phi(|h| sqrt(n/2) - 1.96)``.
+
+    ``|h|`` because the sign of h only says which proportion is larger; n is the sample size of each group.
+    """
+    return float(scipy_stats.norm.cdf(abs(h) * math.sqrt(n_per_group / 2.0) - z_alpha))
+
+
+@dataclass(frozen=True)
+class BetaComparison:
+    prob_first_greater: float  # P(p1 > p2 | data)
+    difference: Interval  # posterior mean and credible interval of p1 - p2
+
+
+def beta_posterior_comparison(k1: int, n1: int, k2: int, n2: int, *, n_draws: int = 100_000,
+                              level: float = 0.95, seed: int = 0) -> BetaComparison:
+    """Compare two success rates with uniform priors: draws from Beta(1+k, 1+n-k) for each, by Monte Carlo."""
+    for k, n in ((k1, n1), (k2, n2)):
+        if not 0 <= k <= n:
+            raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    rng = np.random.default_rng(seed)
+    p1 = rng.beta(1 + k1, 1 + n1 - k1, size=n_draws)
+    p2 = rng.beta(1 + k2, 1 + n2 - k2, size=n_draws)
+    difference = p1 - p2
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(difference, [tail, 100.0 - tail])
+    return BetaComparison(float(np.mean(p1 > p2)), Interval(float(difference.mean()), float(low), float(high), level))
+
+
+def point_biserial(binary: Sequence, values: Sequence) -> tuple[float, float]:
+    """Point-biserial correlation of a 0/1 variable (e.g. correctness) with a continuous one, and its p-value."""
+    result = scipy_stats.pointbiserialr(np.asarray(binary, dtype=float), np.asarray(values, dtype=float))
+    return float(result.statistic), float(result.pvalue)
