@@ -1,0 +1,127 @@
+"""`vlmjax` command line: convert, verify, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from vlmjax.errors import VlmJaxError
+
+TOLERANCE = 1e-4
+
+
+def _example_inputs(path: Path, num_images: int = 2, seed: int = 0):
+    """Processor outputs for a padded batch of `num_images` prompts, each with one random image."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    rng = np.random.default_rng(seed)
+    sizes = [(80, 60), (48, 96), (64, 64)]
+    images = [Image.fromarray((rng.random((*sizes[i % 3], 3)) * 255).astype("uint8")) for i in range(num_images)]
+    token = getattr(processor, "image_token", "<image>")
+    texts = [f"USER: {token} what is in the image ? ASSISTANT:",
+             f"USER: {token} how many red circle are there in the box ? yes or no ? ASSISTANT: the"][:num_images]
+    if hasattr(processor, "tokenizer"):
+        processor.tokenizer.padding_side = "left"
+    return processor, dict(processor(images=images, text=texts, return_tensors="np", padding=True))
+
+
+def cmd_convert(args) -> int:
+    import jax.numpy as jnp
+
+    from converters import hf, orbax_io
+    from vlmjax import models
+
+    hf_config = hf.read_hf_config(args.src)
+    cfg = models.from_hf(hf_config)
+    params = hf.load_params(args.src, cfg, jnp.dtype(args.dtype), progress=True)
+    out = orbax_io.save(params, hf_config, args.dst, source_dir=args.src)
+    print(f"converted {args.src} -> {out} ({args.dtype})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import vlmjax
+    from vlmjax.reference import compare, load_hf_model, run_hf
+
+    path = Path(args.path) if args.path else None
+    if args.tiny:
+        from vlmjax.tiny import make_tiny_llava
+
+        path = Path(args.path or tempfile.mkdtemp(prefix="vlmjax-tiny-"))
+        make_tiny_llava(path, variant=args.variant)
+        print(f"built a tiny random LLaVA ({args.variant}) in {path}")
+    if path is None:
+        raise VlmJaxError("Give a checkpoint directory, or --tiny to build a tiny model to verify.")
+    _, inputs = _example_inputs(path)
+    model = vlmjax.load(path, dtype="float32", progress=False)
+    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
+    theirs = run_hf(load_hf_model(path), inputs)
+    result = compare(ours, theirs)
+    print(f"vlmjax vs HF PyTorch (fp32, eager attention), batch of {inputs['input_ids'].shape[0]}, "
+          f"{inputs['input_ids'].shape[1]} tokens:")
+    print(result.table())
+    ok = result.worst <= args.tolerance
+    print(f"{'PASS' if ok else 'FAIL'}: worst max|Δ| {result.worst:.3e} (tolerance {args.tolerance:.0e})")
+    return 0 if ok else 1
+
+
+def cmd_info(args) -> int:
+    from converters import hf
+    from vlmjax import models
+
+    hf_config = hf.read_hf_config(args.path)
+    cfg = models.from_hf(hf_config)
+    shapes = hf.expected_shapes(cfg)
+    count = sum(int(np.prod(s)) for s in shapes.values())
+    print(f"model_type: {cfg.model_type}")
+    print(f"parameters: {count:,}")
+    for name, sub in (("vision", getattr(cfg, "vision", None)), ("text", getattr(cfg, "text", None))):
+        if sub is not None:
+            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in vars(sub).items()))
+    rest = {k: v for k, v in vars(cfg).items() if k not in ("vision", "text")}
+    print("model: " + ", ".join(f"{k}={v}" for k, v in rest.items()))
+    if (Path(args.path) / "processor_config.json").exists() or (Path(args.path) / "preprocessor_config.json").exists():
+        processor, inputs = _example_inputs(Path(args.path), num_images=1)
+        model_module = models.family(cfg.model_type)
+        _, meta = model_module.prepare_batch(cfg, inputs, "float32")
+        print(f"visual tokens for one {inputs['pixel_values'].shape[-2:]} image with this processor: "
+              f"{int(meta.mask.sum())}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert", help="HF checkpoint directory -> vlmjax orbax directory")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("verify", help="per-layer max |Δ| of vlmjax vs the HF PyTorch reference")
+    p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files)")
+    p.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA (into PATH or a temp dir)")
+    p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.tiny.VARIANTS)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE)
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VlmJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
