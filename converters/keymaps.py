@@ -110,3 +110,7 @@ class KeyMap:
                     return [(template.format(i=i), i, transform) for i in range(num_layers)]
                 return [(template, None, transform)]
         raise KeyError(path)
+
+
+# -- LLaVA-NeXT: LLaVA plus the learned newline vector that ends each row of the crop mosaic ---------------------
+LLAVA_NEXT_ROWS = (*LLAVA_ROWS, ("model.image_newline", "image_newline", "none"))

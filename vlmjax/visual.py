@@ -13,7 +13,8 @@ import numpy as np
 from vlmjax.errors import VlmJaxError
 
 TEXT, PATCH, CLS = 0, 1, 2
-KIND_NAMES = {TEXT: "text", PATCH: "patch", CLS: "cls"}
+BASE, CROP, NEWLINE = 3, 4, 5  # LLaVA-NeXT: base-image patch, crop-mosaic patch, row-end newline
+KIND_NAMES = {TEXT: "text", PATCH: "patch", CLS: "cls", BASE: "base", CROP: "crop", NEWLINE: "newline"}
 
 
 @dataclasses.dataclass
@@ -21,16 +22,17 @@ class ImageSpan:
     sample: int  # row of the batch
     start: int  # first token position
     length: int  # number of visual tokens
-    grid: tuple[int, int]  # patch grid (rows, cols) of its patch tokens
+    grid: tuple[int, int]  # patch grid (rows, cols) of its patch tokens (LLaVA-NeXT: of its base-image tokens)
+    crop_grid: tuple[int, int] | None = None  # LLaVA-NeXT: (rows, cols) of the unpadded crop mosaic
 
 
 @dataclasses.dataclass
 class VisualTokens:
     mask: np.ndarray  # [B, N] bool
     image_index: np.ndarray  # [B, N] int32, index into pixel_values' images, -1 for text
-    grid_row: np.ndarray  # [B, N] int32 patch row, -1 where the token is not a patch
+    grid_row: np.ndarray  # [B, N] int32 patch row (in its grid: base or crop mosaic), -1 where not a patch
     grid_col: np.ndarray  # [B, N] int32
-    kind: np.ndarray  # [B, N] int8: TEXT, PATCH, CLS
+    kind: np.ndarray  # [B, N] int8: TEXT, PATCH, CLS (LLaVA), BASE, CROP, NEWLINE (LLaVA-NeXT)
     images: list[ImageSpan]
 
     def positions(self, sample: int) -> np.ndarray:

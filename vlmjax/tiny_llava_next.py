@@ -1,0 +1,58 @@
+"""Tiny randomly initialised LLaVA-NeXT checkpoints with a locally built tokenizer and PIL processor.
+
+As `vlmjax.tiny` for LLaVA: a real `LlavaNextForConditionalGeneration` saved by `save_pretrained`, with every
+parameter perturbed so each one matters, and an image grid small enough that crops, unpadding and newline tokens
+all occur on images a few dozen pixels wide. Needs the `reference` extra (torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
+
+# The two text decoders LLaVA-NeXT ships with: Vicuna (Llama) and Mistral (sliding window shorter than the prompts).
+VARIANTS = {
+    "vicuna": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=16),
+}
+IMAGE_SIZE = 28
+PATCH_SIZE = 7  # 4 x 4 patches per crop, so unpadding removes whole rows or columns of the mosaic
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+
+def make_tiny_llava_next(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, vocab_size: int = 128,
+                         text_layers: int = 3, vision_layers: int = 3):
+    """Build, save and return (model, processor) of a tiny random LLaVA-NeXT with a working processor."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
+
+    text_spec = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=3,
+                     bos_token_id=1, eos_token_id=2, **VARIANTS[variant])
+    model_type = text_spec.pop("model_type")
+    text_cfg = (MistralConfig if model_type == "mistral" else LlamaConfig)(**text_spec)
+    vision_cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers,
+                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                                  projection_dim=32)
+    tokenizer = build_tokenizer()
+    cfg = LlavaNextConfig(vision_config=vision_cfg, text_config=text_cfg,
+                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                          image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF's default init is near zero for norms/biases; perturb so every parameter matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                                 image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                   image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return model, processor
