@@ -3,7 +3,8 @@
 Each row is (HF key template in the newest layout, vlmjax path, transform). `{i}` is a layer index: those rows
 fill one slot of a stacked [L, ...] array. Older layouts are rewritten to the newest by `CANONICAL_PREFIXES`
 before lookup, so both `language_model.model.*` (transformers < 4.52) and `model.language_model.*` load.
-Transforms: "linear" (torch [out, in] <-> [in, out]), "conv" (Conv2d [D, C, p, p] <-> [C*p*p, D]), "none".
+Transforms: "linear" (torch [out, in] <-> [in, out]), "conv" (Conv2d [D, C, p, p] <-> [C*p*p, D], and
+Conv3d [D, C, T, p, p] <-> [C*T*p*p, D]), "none".
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ CANONICAL_PREFIXES = (
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
     (r"^image_newline$", "model.image_newline"),
     (r"^model\.vision_tower\.vision_model\.", "model.vision_tower."),
+    # Qwen2-VL's flat layout (what transformers writes for it): model.{embed_tokens,layers,norm}.*, visual.*
+    (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
+    (r"^visual\.", "model.visual."),
 )
 
 # Buffers some checkpoints carry that are not parameters.
@@ -114,3 +118,30 @@ class KeyMap:
 
 # -- LLaVA-NeXT: LLaVA plus the learned newline vector that ends each row of the crop mosaic ---------------------
 LLAVA_NEXT_ROWS = (*LLAVA_ROWS, ("model.image_newline", "image_newline", "none"))
+
+
+# -- Qwen2-VL: native-resolution ViT (fused qkv, Conv3d patch embedding) + patch merger, Qwen2 decoder --------------
+_QV = "model.visual."
+QWEN2_VL_ROWS = (
+    (_QV + "patch_embed.proj.weight", "vision/patch_embed/kernel", "conv"),  # Conv3d [D, C, T, p, p]
+    *[
+        (_QV + f"blocks.{{i}}.{hf}.{w}", f"vision/layers/{ours}/{'kernel' if w == 'weight' else 'bias'}",
+         "linear" if w == "weight" else "none")
+        for hf, ours in (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))
+        for w in ("weight", "bias")
+    ],
+    *[
+        (_QV + f"blocks.{{i}}.{norm}.{w}", f"vision/layers/{norm}/{'scale' if w == 'weight' else 'bias'}", "none")
+        for norm in ("norm1", "norm2")
+        for w in ("weight", "bias")
+    ],
+    (_QV + "merger.ln_q.weight", "merger/norm/scale", "none"),
+    (_QV + "merger.ln_q.bias", "merger/norm/bias", "none"),
+    *[
+        (_QV + f"merger.mlp.{hf}.{w}", f"merger/{ours}/{'kernel' if w == 'weight' else 'bias'}",
+         "linear" if w == "weight" else "none")
+        for hf, ours in (("0", "fc1"), ("2", "fc2"))
+        for w in ("weight", "bias")
+    ],
+    *DECODER_ROWS,
+)

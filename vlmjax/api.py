@@ -102,6 +102,9 @@ def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
     path = Path(path)
     hf_config = hf_conv.read_hf_config(path)
     cfg = models.from_hf(hf_config)
+    check_dtype = getattr(hf_conv.model_module(cfg), "check_dtype", None)  # a family may refuse a dtype
+    if check_dtype is not None:
+        check_dtype(cfg, dtype or (orbax_io.stored_dtype(path) if orbax_io.is_converted(path) else jnp.float32))
     if orbax_io.is_converted(path):
         dtype = dtype or orbax_io.stored_dtype(path)
         shapes = hf_conv.model_module(cfg).param_shapes(cfg)

@@ -22,7 +22,8 @@ class ImageSpan:
     sample: int  # row of the batch
     start: int  # first token position
     length: int  # number of visual tokens
-    grid: tuple[int, int]  # patch grid (rows, cols) of its patch tokens (LLaVA-NeXT: of its base-image tokens)
+    grid: tuple[int, ...]  # patch grid (rows, cols) of its patch tokens (LLaVA-NeXT: of its base-image tokens;
+    # Qwen2-VL: (t, rows, cols) of its merged grid) -- the last two entries are always (rows, cols)
     crop_grid: tuple[int, int] | None = None  # LLaVA-NeXT: (rows, cols) of the unpadded crop mosaic
 
 

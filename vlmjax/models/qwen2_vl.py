@@ -1,0 +1,375 @@
+"""Qwen2-VL: a ViT over native-resolution patches -> 2x2 patch merger -> features written over the image tokens ->
+Qwen2 decoder with multimodal rotary positions (M-RoPE).
+
+`forward(params, batch, cfg, hooks)` is pure and jittable. `prepare_batch` builds `batch` on the host from the
+processor outputs (input_ids, attention_mask, pixel_values [patches, C*T*p*p], image_grid_thw [images, 3],
+mm_token_type_ids):
+- input_ids, attention_mask [B, N];
+- position_ids [3, B, N] and rope_deltas [B, 1]: HF's `get_rope_index` (temporal / row / column position of each
+  token; text after an image continues at the image's largest position + 1; padding skipped);
+- pixel_values [P', C*T*p*p], vision_segment_ids [P'] and vision_positions [P', 2] (patch row / column for the
+  vision rotary embedding), padded from the P real patches to a bucket P' (see `bucket_patches`).
+
+Patch bucketing. The processor emits all images' patches concatenated, so P changes with every image size and a
+jitted forward would compile once per size. `prepare_batch` pads the patches to P' = `bucket_patches(P,
+cfg.patch_bucket)`: the next power of two by default (`patch_bucket=0`), or the next multiple of `patch_bucket`
+(a multiple of spatial_merge_size**2; set it with `dataclasses.replace(cfg, patch_bucket=k)`). Batches whose
+patches fall in the same bucket (and whose input_ids have the same shape) reuse one compilation. Padding patches
+are zero pixels in a segment of their own: the block-diagonal vision attention keeps every real patch from seeing
+them; they sit after all real patches, so the 2x2 merger groups them only with each other, and their merged rows
+(the tail of `image_features`, [1, P' / 4, D]) are never written into the sequence.
+
+Image attention is block-diagonal: each image (each frame) attends only to its own patches (HF's cu_seqlens),
+built from segment ids so shapes stay static. The vision stack runs on one packed sequence [1, P', Dv]; its
+`Context.key_padding` marks the real patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters.keymaps import QWEN2_VL_ROWS as KEY_ROWS
+from vlmjax.config import DecoderConfig, RopeConfig, decoder_from_hf
+from vlmjax.errors import VlmJaxError
+from vlmjax.hooks import Context, SiteRunner, scan_layers
+from vlmjax.inputs import text_batch
+from vlmjax.models import decoder
+from vlmjax.models.layers import (activation, additive_mask, apply_rope, attention, layer_norm, linear,
+                                  rope_inv_freq)
+from vlmjax.models.llava import merge_image_features
+from vlmjax.visual import PATCH, ImageSpan, VisualTokens
+
+ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+HF_MROPE_SECTION = (16, 24, 24)  # HF's default when the config names none
+VISION_LAYER_NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLVisionConfig:
+    embed_dim: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    out_hidden_size: int  # the decoder's hidden size (merger output)
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    vision: Qwen2VLVisionConfig
+    text: DecoderConfig
+    image_token_id: int
+    patch_bucket: int = 0  # 0: pad patches to the next power of two; k > 0: to the next multiple of k
+    model_type: str = "qwen2_vl"
+
+
+def config_from_hf(hf_config) -> Qwen2VLConfig:
+    tc, vc = hf_config.text_config, hf_config.vision_config
+    if tc.use_sliding_window:
+        raise VlmJaxError("use_sliding_window=True is not supported for Qwen2-VL (HF windows only the layers past "
+                          "max_window_layers); Qwen2-VL checkpoints ship with it off: set it to false.")
+    text = decoder_from_hf({**tc.to_dict(), "model_type": "qwen2"})  # Qwen2VLTextConfig is a Qwen2 decoder
+    section = text.rope.mrope_section or HF_MROPE_SECTION
+    if sum(section) != text.head_dim // 2:
+        raise VlmJaxError(f"mrope_section {list(section)} must sum to head_dim / 2 = {text.head_dim // 2} (the "
+                          "rotary frequencies it splits over time, rows and columns); fix rope_parameters.")
+    text = dataclasses.replace(text, rope=dataclasses.replace(text.rope, mrope_section=tuple(section)),
+                               tie_word_embeddings=bool(hf_config.tie_word_embeddings))
+    vision_rope = getattr(vc, "rope_parameters", None) or {}
+    if vision_rope.get("rope_type", "axial") != "axial":
+        raise VlmJaxError(f"Unsupported vision rope type {vision_rope['rope_type']!r}; Qwen2-VL's vision tower "
+                          "uses 'axial' (2-D) rotary embeddings.")
+    embed_dim = int(vc.embed_dim)
+    vision = Qwen2VLVisionConfig(
+        embed_dim=embed_dim,
+        intermediate_size=int(embed_dim * vc.mlp_ratio),
+        num_layers=int(vc.depth),
+        num_heads=int(vc.num_heads),
+        out_hidden_size=int(vc.hidden_size),
+        patch_size=int(vc.patch_size),
+        temporal_patch_size=int(vc.temporal_patch_size),
+        spatial_merge_size=int(vc.spatial_merge_size),
+        in_channels=int(vc.in_channels),
+        hidden_act=vc.hidden_act,
+        rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+    )
+    return Qwen2VLConfig(vision=vision, text=text, image_token_id=int(hf_config.image_token_id))
+
+
+def num_layers(cfg: Qwen2VLConfig) -> dict[str, int]:
+    return {"blocks": cfg.text.num_layers, "vision.blocks": cfg.vision.num_layers}
+
+
+def conv_kernel_shape(cfg: Qwen2VLConfig) -> tuple[int, ...]:
+    v = cfg.vision
+    return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+
+def param_shapes(cfg: Qwen2VLConfig) -> dict:
+    v = cfg.vision
+    d, L, merged = v.embed_dim, v.num_layers, v.embed_dim * v.spatial_merge_size**2
+    lin = lambda n_in, n_out: {"kernel": (L, n_in, n_out), "bias": (L, n_out)}
+    norm = lambda *lead: {"scale": (*lead, d), "bias": (*lead, d)}
+    return {
+        "vision": {
+            "patch_embed": {"kernel": (v.patch_dim, d)},
+            "layers": {"norm1": norm(L), "qkv": lin(d, 3 * d), "proj": lin(d, d), "norm2": norm(L),
+                       "fc1": lin(d, v.intermediate_size), "fc2": lin(v.intermediate_size, d)},
+        },
+        "merger": {"norm": norm(), "fc1": {"kernel": (merged, merged), "bias": (merged,)},
+                   "fc2": {"kernel": (merged, v.out_hidden_size), "bias": (v.out_hidden_size,)}},
+        "text": decoder.param_shapes(cfg.text),
+    }
+
+
+def check_dtype(cfg: Qwen2VLConfig, dtype) -> None:
+    """Refuse float16: Qwen2-VL's activations overflow it (inf/NaN in the HF reference too)."""
+    if jnp.dtype(dtype) == jnp.float16:
+        raise VlmJaxError("Qwen2-VL does not run in float16: its activations overflow the float16 range (the HF "
+                          "reference gives inf/NaN too). Load it with dtype='bfloat16' or 'float32'.")
+
+
+# -- host-side inputs ----------------------------------------------------------------------------------------------
+
+
+def bucket_patches(num_patches: int, bucket: int) -> int:
+    """The padded patch count: the next power of two (bucket=0) or the next multiple of `bucket`."""
+    if bucket == 0:
+        return 1 << max(num_patches - 1, 0).bit_length()
+    return -(-num_patches // bucket) * bucket
+
+
+def _check_grids(cfg: Qwen2VLConfig, pixels, grids) -> np.ndarray:
+    v = cfg.vision
+    if (pixels is None) != (grids is None):
+        raise VlmJaxError("pixel_values and image_grid_thw come together (the processor returns both); pass both "
+                          "or neither.")
+    if pixels is None:
+        return np.zeros((0, 3), np.int64)
+    if pixels.ndim != 2 or pixels.shape[1] != v.patch_dim:
+        raise VlmJaxError(f"pixel_values must have shape [patches, {v.patch_dim}] (C*T*p*p = {v.in_channels}*"
+                          f"{v.temporal_patch_size}*{v.patch_size}*{v.patch_size}) for this model, got "
+                          f"{tuple(pixels.shape)}. Preprocess images with the model's Qwen2-VL processor.")
+    grids = np.asarray(grids).astype(np.int64)
+    m = v.spatial_merge_size
+    if grids.ndim != 2 or grids.shape[1] != 3 or (grids <= 0).any() or (grids[:, 1:] % m).any():
+        raise VlmJaxError(f"image_grid_thw must be [images, 3] positive (t, h, w) patch counts with h and w "
+                          f"multiples of spatial_merge_size={m}, got {grids.tolist()}.")
+    if int(grids.prod(-1).sum()) != pixels.shape[0]:
+        raise VlmJaxError(f"image_grid_thw {grids.tolist()} describes {int(grids.prod(-1).sum())} patches but "
+                          f"pixel_values holds {pixels.shape[0]}. Pass the image_grid_thw the processor returned "
+                          "with these pixel_values.")
+    return grids
+
+
+def rope_index(input_ids, attention_mask, grids, image_token_id: int, merge: int):
+    """HF's `get_rope_index` in numpy: (position_ids [3, B, N], rope_deltas [B, 1], image spans).
+
+    Per sample, over its non-padding tokens: text advances all three positions by one; an image's tokens (merged
+    grid t x h x w) get (start + t_i, start + row, start + col) and the text after it starts at start + max(h, w).
+    Each run of image tokens is consumed image by image in image_grid_thw's order; a run that does not split into
+    whole images raises. Spans are (sample, token positions, image index, merged grid (t, h, w))."""
+    b, n = input_ids.shape
+    positions = np.zeros((3, b, n), np.int64)
+    deltas = np.zeros((b, 1), np.int64)
+    spans, image = [], 0
+    for s in range(b):
+        real = np.flatnonzero(attention_mask[s])
+        chunks, start, offset = [], 0, 0
+        for is_image, run in itertools.groupby(input_ids[s, real] == image_token_id):
+            length = len(list(run))
+            if not is_image:
+                chunks.append(np.broadcast_to(np.arange(start, start + length), (3, length)))
+                start, offset = start + length, offset + length
+                continue
+            end = offset + length
+            while offset < end:
+                if image >= len(grids):
+                    raise VlmJaxError(f"Sample {s} has image tokens at position {real[offset]} beyond the "
+                                      f"{len(grids)} image(s) of image_grid_thw. Pass every image of the prompt.")
+                t, h, w = (int(x) for x in grids[image] // (1, merge, merge))
+                if offset + t * h * w > end:
+                    raise VlmJaxError(
+                        f"Sample {s}: the image-token run at position {real[offset]} holds {end - offset} tokens "
+                        f"but image {image} (image_grid_thw {grids[image].tolist()}) needs {t * h * w} = t*h*w / "
+                        f"{merge}**2. Build input_ids and image_grid_thw with the processor from the same images.")
+                grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"))
+                chunks.append(grid.reshape(3, -1) + start)
+                spans.append((s, real[offset:offset + t * h * w], image, (t, h, w)))
+                start, offset, image = start + max(h, w), offset + t * h * w, image + 1
+        if chunks:
+            flat = np.concatenate(chunks, axis=1)
+            positions[:, s, real] = flat
+            deltas[s] = flat.max() + 1 - len(real)
+    if image != len(grids):
+        raise VlmJaxError(f"image_grid_thw has {len(grids)} image(s) but the input ids hold image tokens for "
+                          f"{image}. Pass one image per image placeholder (the processor expands each "
+                          "<|image_pad|> to the image's token count).")
+    return positions, deltas, spans
+
+
+def visual_tokens(input_ids, spans, image_token_id: int) -> VisualTokens:
+    """Metadata: each image token's image and (row, col) on its image's merged grid; ImageSpan.grid is (t, h, w)."""
+    mask = input_ids == image_token_id
+    b, n = mask.shape
+    image_index = np.full((b, n), -1, np.int32)
+    row, col = np.full((b, n), -1, np.int32), np.full((b, n), -1, np.int32)
+    kind = np.zeros((b, n), np.int8)
+    images = []
+    for s, tokens, image, (t, h, w) in spans:
+        cell = np.arange(len(tokens)) % (h * w)
+        image_index[s, tokens], row[s, tokens], col[s, tokens], kind[s, tokens] = image, cell // w, cell % w, PATCH
+        images.append(ImageSpan(sample=s, start=int(tokens[0]), length=len(tokens), grid=(t, h, w)))
+    return VisualTokens(mask, image_index, row, col, kind, images)
+
+
+def vision_patch_layout(grids, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids [P], (row, col) [P, 2]) of the processor's patch order: one segment per image frame; within a
+    frame, patches go merge-block by merge-block (HF's `get_vision_position_ids` and cu_seqlens)."""
+    segments, positions, frames = [], [], 0
+    for t, h, w in grids.tolist():
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+        positions.append(np.tile(np.stack([block(rows), block(cols)], -1), (t, 1)))
+        segments.append(np.repeat(np.arange(frames, frames + t), h * w))
+        frames += t
+    return np.concatenate(segments).astype(np.int32), np.concatenate(positions).astype(np.int32)
+
+
+def prepare_batch(cfg: Qwen2VLConfig, inputs: dict, dtype) -> tuple[dict, VisualTokens]:
+    """Check processor outputs; build the batch (positions and patch layout computed here) and the metadata."""
+    check_dtype(cfg, dtype)
+    batch = text_batch(inputs, cfg.text.vocab_size, (cfg.image_token_id,), ACCEPTED_INPUTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    is_image = ids == cfg.image_token_id
+    types = inputs.get("mm_token_type_ids")
+    if types is not None:
+        types = np.asarray(types).reshape(ids.shape)
+        if (types == 2).any():
+            raise VlmJaxError("mm_token_type_ids marks video tokens; vlmjax's Qwen2-VL takes images only.")
+        if ((types == 1) != is_image).any():
+            raise VlmJaxError(f"mm_token_type_ids disagrees with input_ids about which tokens are image tokens (id "
+                              f"{cfg.image_token_id}). Pass the processor's outputs unchanged.")
+    pixels = inputs.get("pixel_values")
+    pixels = None if pixels is None else np.asarray(pixels)
+    grids = _check_grids(cfg, pixels, inputs.get("image_grid_thw"))
+    merge = cfg.vision.spatial_merge_size
+    expected_tokens = int(grids.prod(-1).sum()) // merge**2
+    if int(is_image.sum()) != expected_tokens:
+        raise VlmJaxError(f"input_ids hold {int(is_image.sum())} image tokens but image_grid_thw "
+                          f"{grids.tolist()} gives {expected_tokens} (t*h*w / {merge}**2 per image). Build the prompt "
+                          "with the processor from the same images, which expands each <|image_pad|> to that count.")
+    positions, deltas, spans = rope_index(ids, mask, grids, cfg.image_token_id, merge)
+    batch["position_ids"], batch["rope_deltas"] = positions.astype(np.int32), deltas.astype(np.int32)
+    if pixels is not None:
+        if cfg.patch_bucket % merge**2:
+            raise VlmJaxError(f"patch_bucket={cfg.patch_bucket} must be a multiple of spatial_merge_size**2 = "
+                              f"{merge**2} so padding patches never share a merge group with real ones.")
+        total = pixels.shape[0]
+        padded = bucket_patches(total, cfg.patch_bucket)
+        segments, patch_positions = vision_patch_layout(grids, merge)
+        batch["pixel_values"] = np.pad(pixels, ((0, padded - total), (0, 0))).astype(np.dtype(dtype))
+        batch["vision_segment_ids"] = np.pad(segments, (0, padded - total), constant_values=-1)
+        batch["vision_positions"] = np.pad(patch_positions, ((0, padded - total), (0, 0)))
+    return batch, visual_tokens(ids, spans, cfg.image_token_id)
+
+
+# -- vision tower --------------------------------------------------------------------------------------------------
+
+
+def vision_rope_tables(cfg: Qwen2VLVisionConfig, patch_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fp32 cos/sin [1, P, head_dim]: the first half of the rotary frequencies turn with the patch row, the
+    second with the column (HF's axial Qwen2VLVisionRotaryEmbedding)."""
+    head_dim = cfg.embed_dim // cfg.num_heads
+    inv_freq = jnp.asarray(rope_inv_freq(RopeConfig(theta=cfg.rope_theta), head_dim // 2))
+    freqs = (patch_positions.astype(jnp.float32)[..., None] * inv_freq).reshape(-1, head_dim // 2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[None]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def vision_block(cfg: Qwen2VLVisionConfig, p: dict, x: jax.Array, run: SiteRunner, cos, sin, mask_add):
+    b, n, d = x.shape
+    heads, hd = cfg.num_heads, d // cfg.num_heads
+    x = run("resid_pre", x)
+    h = run("attn.input", layer_norm(p["norm1"], x, VISION_LAYER_NORM_EPS))
+    run.ctx = run.ctx.replace(layer_input=h)
+    qkv = linear(p["qkv"], h).reshape(b, n, 3, heads, hd)
+    q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
+    q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)  # rotary in fp32, as HF's vision rotary
+    k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+    z = attention(q, k, v, mask_add, run, hd**-0.5)
+    x = x + run("attn.out", linear(p["proj"], z.reshape(b, n, d)))
+    x = run("resid_mid", x)
+    h = layer_norm(p["norm2"], x, VISION_LAYER_NORM_EPS)
+    h = run("mlp.hidden", activation(cfg.hidden_act)(linear(p["fc1"], h)))
+    x = x + run("mlp.out", linear(p["fc2"], h))
+    return run("resid_post", x)
+
+
+def image_features(params, batch, cfg: Qwen2VLConfig, hooks, run_global) -> jax.Array:
+    """[1, P' / merge**2, D]: the vision tower on the packed patches, then the patch merger."""
+    vc = cfg.vision
+    dtype = params["vision"]["patch_embed"]["kernel"].dtype
+    segments = batch["vision_segment_ids"]
+    x = (batch["pixel_values"].astype(dtype) @ params["vision"]["patch_embed"]["kernel"])[None]
+    x = run_global("vision.embed", x)
+    cos, sin = vision_rope_tables(vc, batch["vision_positions"])
+    mask_add = additive_mask((segments[:, None] == segments[None, :])[None, None], dtype)
+    ctx = Context(stack="vision.blocks", key_padding=(segments >= 0)[None])
+    x, records = scan_layers(lambda p, h, r: vision_block(vc, p, h, r, cos, sin, mask_add),
+                             params["vision"]["layers"], x, hooks, ctx, 0, vc.num_layers)
+    for name, r in records.items():
+        run_global.records.setdefault(name, {}).update(r)
+    x = run_global("vision.features", x)
+    m = params["merger"]
+    h = layer_norm(m["norm"], x, VISION_LAYER_NORM_EPS).reshape(1, -1, m["fc1"]["kernel"].shape[0])
+    h = activation("gelu")(linear(m["fc1"], h))
+    return run_global("projector.out", linear(m["fc2"], h))
+
+
+# -- decoder -------------------------------------------------------------------------------------------------------
+
+
+def mrope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, N, head_dim] from positions [3, B, N]: the rotary frequencies are split in mrope_section
+    chunks turning with the temporal, row and column position in turn (fp32 math, cast to the compute dtype)."""
+    axis_of_freq = np.arange(len(rope.mrope_section)).repeat(rope.mrope_section) % 3
+    per_freq = jnp.moveaxis(positions[axis_of_freq], 0, -1).astype(jnp.float32)  # [B, N, head_dim / 2]
+    freqs = per_freq * jnp.asarray(rope_inv_freq(rope, head_dim), jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def forward(params, batch, cfg: Qwen2VLConfig, hooks=None, *, output_hidden_states=False, output_attentions=False,
+            logits="all") -> dict:
+    hooks = decoder.output_hooks(hooks, output_hidden_states, output_attentions)
+    input_ids = batch["input_ids"]
+    key_padding = batch["attention_mask"].astype(bool)
+    visual_mask = input_ids == cfg.image_token_id
+    run_global = SiteRunner(hooks, Context(stack="", visual_mask=visual_mask, key_padding=key_padding))
+
+    text = params["text"]
+    x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
+    out = {"rope_deltas": batch["rope_deltas"]}
+    if batch.get("pixel_values") is not None:
+        feats = image_features(params, batch, cfg, hooks, run_global)
+        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
+        out["image_features"] = feats
+    cos, sin = mrope_tables(cfg.text.rope, cfg.text.head_dim, batch["position_ids"], x.dtype)
+    out.update(decoder.forward_from_embeddings(
+        text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits))
+    return out
