@@ -56,7 +56,7 @@ def block(cfg: DecoderConfig, p: dict, x: jax.Array, run: SiteRunner, cos, sin, 
     q = run("attn.q", linear(p["q"], h).reshape(b, n, cfg.num_heads, hd))
     k = run("attn.k", linear(p["k"], h).reshape(b, n, cfg.num_kv_heads, hd))
     v = run("attn.v", linear(p["v"], h).reshape(b, n, cfg.num_kv_heads, hd))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), run("attn.rot_k", apply_rope(k, cos, sin))
     z = attention(q, k, v, mask_add, run, hd**-0.5)
     x = x + run("attn.out", linear(p["o"], z.reshape(b, n, cfg.num_heads * hd)))
     x = run("resid_mid", x)
@@ -96,15 +96,18 @@ def output_hooks(hooks, output_hidden_states: bool, output_attentions: bool) -> 
 
 
 def forward_from_embeddings(
-    params, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg: DecoderConfig, logits: str | None = "all"
+    params, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg: DecoderConfig, logits: str | None = "all",
+    query_offset=0,
 ) -> dict:
     """Run the decoder on merged input embeddings and return the named intermediates.
 
     `run_global` is the SiteRunner of the global sites (it already holds the records of the vision side);
     `logits` is "all" (HF's [B, N, V]), "last" (the last position only, [B, 1, V]) or None (no vocabulary
-    projection at all, for runs that only want hidden states or metrics)."""
+    projection at all, for runs that only want hidden states or metrics). `query_offset` is the absolute index of
+    the first query (decoding with a KV cache: keys are the cache's positions, `key_padding` and `visual_mask`
+    cover them)."""
     x = run_global("embed", x)
-    mask_add = attention_mask(cfg, key_padding, x.shape[1], x.dtype)
+    mask_add = attention_mask(cfg, key_padding, x.shape[1], x.dtype, query_offset)
     ctx = Context(stack="blocks", visual_mask=visual_mask, key_padding=key_padding)
     x, layer_records = run_layers(params, x, cos, sin, mask_add, hooks, ctx, cfg)
     last_hidden = run_global("final_norm", rms_norm(params["final_norm"], x, cfg.rms_norm_eps))

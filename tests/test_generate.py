@@ -1,0 +1,66 @@
+"""KV-cache decoding: greedy equals HF generate token for token; sampling is seeded; one compile per shape."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmjax
+from vlmjax import generate as gen
+from vlmjax.errors import VlmJaxError
+from vlmjax.reference import load_hf_model
+from vlmjax.tiny import make_tiny_llava
+
+PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:",
+           "USER: <image> how many red circle are there in the box on the left ? yes or no ? ASSISTANT: the"]
+
+
+@pytest.fixture(scope="module", params=["gqa", "mistral"])
+def setup(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    _, processor = make_tiny_llava(path, variant=request.param)
+    processor.tokenizer.padding_side = "left"
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray((rng.random((70, 50, 3)) * 255).astype("uint8")) for _ in range(2)]
+    inputs = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    return path, inputs, vlmjax.load(path, progress=False)
+
+
+def test_greedy_matches_hf_generate(setup):
+    path, inputs, model = setup
+    new = 24  # the Mistral variant's window is 16: decoding crosses it
+    ref = load_hf_model(path).generate(**inputs, max_new_tokens=new, do_sample=False, eos_token_id=2,
+                                       pad_token_id=3).numpy()
+    ours = gen.generate(model, {k: v.numpy() for k, v in inputs.items()}, max_new_tokens=new, eos_token_id=2,
+                        pad_token_id=3)
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1]:] == 3).all()  # HF stops once every row has ended; the rest is padding
+
+
+def test_sampling_is_seeded_and_respects_top_p(setup):
+    _, inputs, model = setup
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    a = gen.generate(model, feed, 8, do_sample=True, temperature=0.7, top_p=0.9, key=jax.random.key(3))
+    b = gen.generate(model, feed, 8, do_sample=True, temperature=0.7, top_p=0.9, key=jax.random.key(3))
+    c = gen.generate(model, feed, 8, do_sample=True, temperature=0.7, top_p=0.9, key=jax.random.key(4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    logits = jax.numpy.asarray([[0.0, 5.0, 4.9, -3.0]])
+    # probabilities ~[0.003, 0.523, 0.473, 0.0002]: HF removes, in ascending order, tokens whose cumulative
+    # probability is <= 1 - top_p, so top_p 0.5 keeps token 1 alone and top_p 0.6 keeps tokens 1 and 2.
+    for top_p, kept in ((0.5, {1}), (0.6, {1, 2})):
+        picks = {int(gen._next_token(logits, jax.random.key(i), True, 1.0, top_p)[0]) for i in range(60)}
+        assert picks == kept
+    with pytest.raises(VlmJaxError, match="explicit PRNG key"):
+        gen.generate(model, feed, 4, do_sample=True)
+
+
+def test_one_compile_for_new_prompts_of_the_same_shape(setup):
+    _, inputs, model = setup
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    gen.generate(model, feed, 6)
+    before = gen._generate._cache_size()
+    other = dict(feed, pixel_values=feed["pixel_values"][::-1].copy())
+    gen.generate(model, other, 6)
+    assert gen._generate._cache_size() == before

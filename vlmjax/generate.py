@@ -1,0 +1,129 @@
+"""Decoding with a KV cache: one jitted prefill, then one jitted scan over the new tokens (no recompile per step).
+
+The cache is itself a hook: prefill captures every layer's rotated keys and values (sites `attn.rot_k`, `attn.v`);
+each decode step's `KVCache` hook writes the new token's key and value into the cache at the step's index and hands
+attention the whole cache, with the mask computed from the cache's valid positions. User hooks (interventions,
+metrics) compose with it in prefill and in every step. Greedy decoding matches HF `generate` token for token
+(positions from the attention mask's cumulative sum, as HF does for left-padded batches).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from vlmjax.errors import VlmJaxError
+from vlmjax.hooks import Capture, Context, Hook, SiteRunner
+from vlmjax.models import decoder
+from vlmjax.models.layers import rope_inv_freq, rope_tables
+
+_PREFILL = "_kv_prefill"
+_CACHE = "_kv_cache"
+
+
+class KVCache(Hook):
+    """Per-layer key/value cache [L, B, S, KVH, hd]; writes this step's keys/values at `index`."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    per_layer = ("k", "v")
+
+    def __call__(self, site, value, ctx):
+        if site not in ("attn.rot_k", "attn.v"):
+            return value, None
+        cache = self.k if site == "attn.rot_k" else self.v
+        cache = jax.lax.dynamic_update_slice_in_dim(cache, value.astype(cache.dtype), self.index, axis=1)
+        return cache, cache
+
+
+def _next_token(logits, key, do_sample: bool, temperature: float, top_p: float):
+    """Greedy argmax, or sampling after temperature then nucleus (top-p) filtering, as HF orders them."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, as HF's TopPLogitsWarper
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cumulative <= 1 - top_p
+        remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least the most probable token
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generation_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """HF's position ids for generation: cumulative sum of the mask minus one, 0 at padding."""
+    pos = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 0, pos).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample", "temperature", "top_p"))
+def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p):
+    cfg = model.config
+    text_cfg = cfg.text
+    b, n = batch["input_ids"].shape
+    total = n + max_new_tokens
+    prefill_hooks = {**hooks, _PREFILL: Capture(sites=frozenset({"attn.rot_k", "attn.v"}))}
+    out = model.forward(params, batch, prefill_hooks, logits="last")
+    captured = out["hooks"][_PREFILL]
+    grow = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
+    cache_k, cache_v = grow(captured["attn.rot_k"]), grow(captured["attn.v"])
+    key_valid = jnp.pad(batch["attention_mask"].astype(bool), ((0, 0), (0, max_new_tokens)))
+    visual_keys = jnp.pad(batch["input_ids"] == cfg.image_token_id, ((0, 0), (0, max_new_tokens)))
+    inv_freq = rope_inv_freq(text_cfg.rope, text_cfg.head_dim)
+    step_hooks = {k: v for k, v in hooks.items()}
+    text = params["text"]
+
+    key, sub = jax.random.split(key)
+    first = _next_token(out["logits"][:, -1], sub, do_sample, temperature, top_p)
+    finished = jnp.zeros((b,), bool)
+
+    def step(carry, _):
+        token, cache_k, cache_v, key_valid, position, index, finished, key = carry
+        token = jnp.where(finished, pad, token)
+        finished = finished | (token == eos)
+        key_valid = key_valid.at[:, index].set(True)
+        x = text["embed"][token][:, None]
+        cos, sin = rope_tables(inv_freq, position[:, None], x.dtype)
+        hooks_now = {_CACHE: KVCache(k=cache_k, v=cache_v, index=index), **step_hooks}
+        run_global = SiteRunner(hooks_now, Context(stack="", visual_mask=visual_keys, key_padding=key_valid))
+        res = decoder.forward_from_embeddings(text, x, cos, sin, key_valid, visual_keys, hooks_now, run_global,
+                                              text_cfg, logits="all", query_offset=index)
+        cache = res["hooks"][_CACHE]
+        key, sub = jax.random.split(key)
+        nxt = _next_token(res["logits"][:, -1], sub, do_sample, temperature, top_p)
+        carry = (nxt, cache["attn.rot_k"], cache["attn.v"], key_valid, position + 1, index + 1, finished, key)
+        return carry, token
+
+    position = jnp.asarray(batch["position_ids"])[:, -1] + 1
+    carry = (first, cache_k, cache_v, key_valid, position, jnp.asarray(n, jnp.int32), finished, key)
+    _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
+    return tokens.T
+
+
+def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, key=None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             hooks=None) -> np.ndarray:
+    """[B, N + max_new_tokens] token ids: the prompt followed by the generated tokens (pad after an EOS), like
+    HF `generate(..., max_new_tokens=...)` with a fixed length. `hooks` apply in prefill and in every step."""
+    if model.config.model_type != "llava":
+        raise VlmJaxError(f"KV-cache decoding is implemented for the llava family; {model.config.model_type!r} "
+                          "is not supported yet.")
+    if do_sample and key is None:
+        raise VlmJaxError("Sampling needs an explicit PRNG key: generate(..., do_sample=True, key=jax.random.key(0)).")
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise VlmJaxError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}.")
+    batch, _ = model.prepare(inputs)
+    batch["position_ids"] = generation_positions(batch["attention_mask"])
+    eos = -1 if eos_token_id is None else eos_token_id
+    pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id
+    key = jax.random.key(0) if key is None else key
+    new = _generate(model, model.params, batch, hooks or {}, key, eos, pad, max_new_tokens, do_sample,
+                    float(temperature), float(top_p))
+    return np.concatenate([batch["input_ids"], np.asarray(new)], axis=1)
