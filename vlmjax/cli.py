@@ -1,4 +1,4 @@
-"""`vlmjax` command line: convert, verify, info."""
+"""`vlmjax` command line: convert, verify, info, eval."""
 
 from __future__ import annotations
 
@@ -98,6 +98,38 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import vlmjax
+    from transformers import AutoProcessor
+
+    from vlmjax.data.loaders import load_pope
+    from vlmjax.eval.pope import format_table, score_pope
+    from vlmjax.eval.run import evaluate_pope, load_shapes_pope
+
+    model = vlmjax.load(args.model, progress=False)
+    processor = AutoProcessor.from_pretrained(str(model.path))
+    out = Path(args.out)
+    if args.pope:
+        if not args.images:
+            raise VlmJaxError("--pope needs --images, the folder the question file's image names refer to.")
+        records = load_pope(args.pope, args.images)[: args.limit]
+    else:
+        data = Path(args.data) if args.data else out / "data"
+        if not (data / "dataset.json").is_file():
+            from vlmjax.data.shapes import generate_dataset
+
+            print(f"generating a shapes-world POPE set ({args.n_images} images, seed {args.seed}) in {data}")
+            generate_dataset(str(data), args.n_images, args.seed, image_size=model.config.vision.image_size)
+        records = load_shapes_pope(data, splits=args.splits, limit=args.limit)
+    name = f"results{'-' + args.null_image if args.null_image else ''}.jsonl"
+    results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
+                            image_kind=args.null_image, logdir=out / "tensorboard")
+    print(f"{model.path} on {len(records)} questions{' with ' + args.null_image + ' images' if args.null_image else ''}"
+          f" (records: {out / name})")
+    print(format_table(score_pope(r for r in results if r["id"] in {q.question_id for q in records})))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlmjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +144,19 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.tiny.VARIANTS)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE)
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("eval", help="POPE-style evaluation (resumable; records appended as they are done)")
+    p.add_argument("--model", default="builtin:llava-shapes", help="checkpoint directory or builtin:NAME")
+    p.add_argument("--data", help="a shapes-world dataset directory (generated into OUT/data if absent)")
+    p.add_argument("--pope", help="a POPE question file (JSONL: question_id, image, text, label) instead of --data")
+    p.add_argument("--images", help="image folder for --pope")
+    p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
+    p.add_argument("--n-images", type=int, default=100, help="images to generate when no dataset is given")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--null-image", choices=["black", "gray"], help="replace every image (does the model look?)")
+    p.add_argument("--out", default="runs/eval")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
     p.add_argument("path")
     p.set_defaults(func=cmd_info)

@@ -104,16 +104,17 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
     position = jnp.asarray(batch["position_ids"])[:, -1] + 1
     carry = (first, cache_k, cache_v, key_valid, position, jnp.asarray(n, jnp.int32), finished, key)
     _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
-    return tokens.T
+    return tokens.T, out["logits"][:, -1]
 
 
 def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, key=None, eos_token_id: int | None = None, pad_token_id: int | None = None,
-             hooks=None) -> np.ndarray:
+             hooks=None, return_first_logits: bool = False):
     """[B, N + max_new_tokens] token ids: the prompt followed by the generated tokens (pad after an EOS), like
-    HF `generate(..., max_new_tokens=...)` with a fixed length. `hooks` apply in prefill and in every step."""
-    if model.config.model_type != "llava":
-        raise VlmJaxError(f"KV-cache decoding is implemented for the llava family; {model.config.model_type!r} "
+    HF `generate(..., max_new_tokens=...)` with a fixed length. `hooks` apply in prefill and in every step.
+    With `return_first_logits`, also the first decode step's logits [B, V] (for first-token scoring)."""
+    if model.config.model_type not in ("llava", "llava_next"):
+        raise VlmJaxError(f"KV-cache decoding is implemented for the llava and llava_next families; {model.config.model_type!r} "
                           "is not supported yet.")
     if do_sample and key is None:
         raise VlmJaxError("Sampling needs an explicit PRNG key: generate(..., do_sample=True, key=jax.random.key(0)).")
@@ -124,6 +125,7 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id
     key = jax.random.key(0) if key is None else key
-    new = _generate(model, model.params, batch, hooks or {}, key, eos, pad, max_new_tokens, do_sample,
-                    float(temperature), float(top_p))
-    return np.concatenate([batch["input_ids"], np.asarray(new)], axis=1)
+    new, first_logits = _generate(model, model.params, batch, hooks or {}, key, eos, pad, max_new_tokens, do_sample,
+                                  float(temperature), float(top_p))
+    tokens = np.concatenate([batch["input_ids"], np.asarray(new)], axis=1)
+    return (tokens, np.asarray(first_logits)) if return_first_logits else tokens
