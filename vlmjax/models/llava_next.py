@@ -46,7 +46,7 @@ def config_from_hf(hf_config) -> LlavaNextConfig:
     size = base.vision.image_size
     if not pinpoints or any(h % size or w % size for h, w in pinpoints):
         raise VlmJaxError(f"image_grid_pinpoints {list(pinpoints)} must be a non-empty list of (height, width) "
-                          f"multiples of the vision tower's image_size {size}; fix image_grid_pinpoints in config.json.")
+                          f"multiples of the vision tower's image_size {size}; fix them in config.json.")
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlavaConfig) if f.name != "model_type"}
     return LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)
 
@@ -156,9 +156,9 @@ def _check_images(cfg: LlavaNextConfig, pixels, sizes) -> list[AnyresLayout]:
     for i, layout in enumerate(layouts):
         if 1 + layout.num_crops > pixels.shape[1]:
             raise VlmJaxError(
-                f"Image {i} of size {tuple(sizes[i])} needs {1 + layout.num_crops} patches (base + crops) but "
-                f"pixel_values holds {pixels.shape[1]} per image: image_sizes and pixel_values come from different "
-                "images or image_grid_pinpoints. Pass both from one processor call.")
+                f"Image {i} of size {tuple(int(v) for v in sizes[i])} needs {1 + layout.num_crops} patches (base + "
+                f"crops) but pixel_values holds {pixels.shape[1]} per image: image_sizes and pixel_values come from "
+                "different images or image_grid_pinpoints. Pass both from one processor call.")
     return layouts
 
 
