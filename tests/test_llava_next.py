@@ -78,12 +78,12 @@ def vicuna(build):
 # -- geometry ----------------------------------------------------------------------------------------------------
 
 
-def test_layout_matches_hf_on_the_real_grid():
+def test_layout_matches_hf_on_the_real_grid(vicuna):
     """Best pinpoint, crop grid and unpadded mosaic size as HF computes them, on LLaVA-1.6's own geometry."""
     size, patch, pinpoints = REAL_CONFIG["image_size"], REAL_CONFIG["patch_size"], REAL_CONFIG["pinpoints"]
-    cfg = dataclasses.make_dataclass("Cfg", [("vision", object), ("image_grid_pinpoints", object)])(
-        vision=dataclasses.make_dataclass("Vision", [("image_size", int), ("grid_size", int)])(size, size // patch),
-        image_grid_pinpoints=pinpoints)
+    tiny_cfg = vicuna["model"].config
+    cfg = dataclasses.replace(tiny_cfg, vision=dataclasses.replace(tiny_cfg.vision, image_size=size, patch_size=patch),
+                              image_grid_pinpoints=tuple(map(tuple, pinpoints)))
     rng = np.random.default_rng(0)
     chosen = set()
     for height, width in [*rng.integers(1, 2500, size=(300, 2)), (336, 336), (1, 2000), (2000, 1), (337, 1000)]:
