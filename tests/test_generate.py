@@ -64,3 +64,27 @@ def test_one_compile_for_new_prompts_of_the_same_shape(setup):
     other = dict(feed, pixel_values=feed["pixel_values"][::-1].copy())
     gen.generate(model, other, 6)
     assert gen._generate._cache_size() == before
+
+
+def test_vcd_contrastive_decoding(setup):
+    _, inputs, model = setup
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    real = np.array([[2.0, 1.0, -5.0, 0.5]])
+    dist = np.array([[1.0, 3.0, -1.0, 0.0]])
+    expected = np.array([[3.0, -1.0, -np.inf, 1.0]])  # 2 l - l', token 2 below log(0.1) + 2 is cut
+    np.testing.assert_allclose(np.asarray(gen.contrastive_logits(real, dist, 1.0, 0.1)), expected)
+    # With the distorted stream equal to the real one, contrast leaves the greedy choice unchanged.
+    plain = gen.generate(model, feed, 6)
+    same = gen.generate(model, feed, 6, contrast_pixel_values=feed["pixel_values"])
+    np.testing.assert_array_equal(plain, same)
+    # The first step's contrasted logits are the formula applied to the two streams run separately.
+    noisy = feed["pixel_values"] + np.random.default_rng(0).normal(size=feed["pixel_values"].shape).astype(np.float32)
+    _, first = gen.generate(model, feed, 2, contrast_pixel_values=noisy, alpha=0.5, beta=0.2,
+                            return_first_logits=True)
+    batch = dict(feed, position_ids=gen.generation_positions(feed["attention_mask"]))
+    l_real = np.asarray(model(**batch, logits="last").logits[:, -1])
+    l_dist = np.asarray(model(**dict(batch, pixel_values=noisy), logits="last").logits[:, -1])
+    want = np.asarray(gen.contrastive_logits(l_real, l_dist, 0.5, 0.2))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(finite, np.isfinite(first))
+    np.testing.assert_allclose(first[finite], want[finite], atol=1e-4)

@@ -63,8 +63,16 @@ def generation_positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 0, pos).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample", "temperature", "top_p"))
-def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p):
+def contrastive_logits(real, distorted, alpha, beta):
+    """VCD (SPEC.md section 6): (1 + a) l(v) - a l(v'), with tokens below log(beta) + max l(v) cut to -inf."""
+    cutoff = jnp.log(beta) + jnp.max(real, axis=-1, keepdims=True)
+    return jnp.where(real < cutoff, -jnp.inf, (1 + alpha) * real - alpha * distorted)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample", "temperature", "top_p",
+                                             "contrastive"))
+def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p,
+              contrastive=False, alpha=1.0, beta=0.1):
     cfg = model.config
     text_cfg = cfg.text
     b, n = batch["input_ids"].shape
@@ -80,8 +88,18 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
     step_hooks = {k: v for k, v in hooks.items()}
     text = params["text"]
 
+    def choose(logits, key):
+        """One token per stream; with `contrastive`, rows [:B/2] (real) and [B/2:] (distorted) share it."""
+        if not contrastive:
+            return _next_token(logits, key, do_sample, temperature, top_p)
+        half = logits.shape[0] // 2
+        token = _next_token(contrastive_logits(logits[:half], logits[half:], alpha, beta), key, do_sample,
+                            temperature, top_p)
+        return jnp.concatenate([token, token])
+
     key, sub = jax.random.split(key)
-    first = _next_token(out["logits"][:, -1], sub, do_sample, temperature, top_p)
+    first_logits = out["logits"][:, -1]
+    first = choose(first_logits, sub)
     finished = jnp.zeros((b,), bool)
 
     def step(carry, _):
@@ -97,22 +115,31 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
                                               text_cfg, logits="all", query_offset=index)
         cache = res["hooks"][_CACHE]
         key, sub = jax.random.split(key)
-        nxt = _next_token(res["logits"][:, -1], sub, do_sample, temperature, top_p)
+        nxt = choose(res["logits"][:, -1], sub)
         carry = (nxt, cache["attn.rot_k"], cache["attn.v"], key_valid, position + 1, index + 1, finished, key)
         return carry, token
 
     position = jnp.asarray(batch["position_ids"])[:, -1] + 1
     carry = (first, cache_k, cache_v, key_valid, position, jnp.asarray(n, jnp.int32), finished, key)
     _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
-    return tokens.T, out["logits"][:, -1]
+    if contrastive:
+        half = b // 2
+        first_logits = contrastive_logits(first_logits[:half], first_logits[half:], alpha, beta)
+        tokens = tokens[:, :half]
+    return tokens.T, first_logits
 
 
 def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, key=None, eos_token_id: int | None = None, pad_token_id: int | None = None,
-             hooks=None, return_first_logits: bool = False):
+             hooks=None, return_first_logits: bool = False, contrast_pixel_values=None, alpha: float = 1.0,
+             beta: float = 0.1):
     """[B, N + max_new_tokens] token ids: the prompt followed by the generated tokens (pad after an EOS), like
     HF `generate(..., max_new_tokens=...)` with a fixed length. `hooks` apply in prefill and in every step.
-    With `return_first_logits`, also the first decode step's logits [B, V] (for first-token scoring)."""
+    With `return_first_logits`, also the first decode step's logits [B, V] (for first-token scoring).
+
+    With `contrast_pixel_values` (the same images distorted, e.g. `vcd_noise`), decodes VCD-style: the real and
+    the distorted streams run together as one batch of 2B and each step's token comes from
+    `contrastive_logits(real, distorted, alpha, beta)`; the returned first logits are the contrasted ones."""
     if model.config.model_type not in ("llava", "llava_next"):
         raise VlmJaxError(f"KV-cache decoding is implemented for the llava and llava_next families; {model.config.model_type!r} "
                           "is not supported yet.")
@@ -121,11 +148,18 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     if temperature <= 0 or not 0 < top_p <= 1:
         raise VlmJaxError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}.")
     batch, _ = model.prepare(inputs)
+    contrastive = contrast_pixel_values is not None
+    if contrastive:
+        distorted = np.asarray(contrast_pixel_values, batch["pixel_values"].dtype)
+        if distorted.shape != batch["pixel_values"].shape:
+            raise VlmJaxError(f"contrast_pixel_values has shape {distorted.shape}, the images {batch['pixel_values'].shape}.")
+        batch = {k: np.concatenate([v, distorted if k == "pixel_values" else v]) for k, v in batch.items()}
     batch["position_ids"] = generation_positions(batch["attention_mask"])
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id
     key = jax.random.key(0) if key is None else key
     new, first_logits = _generate(model, model.params, batch, hooks or {}, key, eos, pad, max_new_tokens, do_sample,
-                                  float(temperature), float(top_p))
-    tokens = np.concatenate([batch["input_ids"], np.asarray(new)], axis=1)
+                                  float(temperature), float(top_p), contrastive, alpha, beta)
+    prompt = batch["input_ids"][: new.shape[0]]
+    tokens = np.concatenate([prompt, np.asarray(new)], axis=1)
     return (tokens, np.asarray(first_logits)) if return_first_logits else tokens
