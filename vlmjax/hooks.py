@@ -5,11 +5,14 @@ Every model calls `site(name, value)` at the canonical points of its forward pas
 `vision.blocks.{l}.{name}` for the vision tower). A hook is a pytree (a `flax.struct` dataclass): its array fields
 are traced, so one compiled forward serves every value of them (sweeps under `jax.vmap`, gradients with respect to
 them), and its fields listed in `per_layer` carry a leading layer axis that the layer scan slices, so each layer
-sees its own entry. Hooks compose: they run in the order given, each seeing the value the previous one returned.
+sees its own entry. Hooks compose: they run in the order given, each seeing the value the previous one returned
+(`jax.jit` hands a plain dict back in sorted key order: pass a `collections.OrderedDict` to keep yours).
 
 A hook returns `(new_value, record)`; a record that is not None is returned by the compiled forward under
 `outputs["hooks"][hook_name][site]`, stacked over layers for block sites. That is how metrics are reduced inside
 the forward pass (a record of shape [B, H] per layer instead of the [B, H, N, N] pattern) and how captures work.
+A hook whose `only_layers` is set runs at those layers only, and its records are stacked over just them (the scan
+is split around them), so capturing one layer's [B, H, N, N] pattern never stores it for every layer.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ BLOCK_SITES = (
     "attn.q",  # queries before rotary [B, N, H, hd]
     "attn.k",  # keys before rotary [B, N, KVH, hd]
     "attn.v",  # values [B, N, KVH, hd]
+    "attn.rot_k",  # keys after rotary (what attention and the KV cache use) [B, N, KVH, hd]
     "attn.scores",  # pre-softmax scores after the causal/padding mask [B, H, Nq, Nk]
     "attn.pattern",  # post-softmax attention probabilities [B, H, Nq, Nk]
     "attn.z",  # per-head mixed values [B, N, H, hd]
@@ -58,6 +62,7 @@ class Context:
     key_padding: Any = None  # [B, N] bool: real (non-padding) tokens
     layer: Any = None  # scalar int32, the layer index (None at global sites)
     layer_input: Any = None  # the normed input of the current block's attention [B, N, D]
+    earlier: Any = None  # {site: value} of the sites already run in this block (after their hooks), e.g. resid_pre
 
 
 class Hook(struct.PyTreeNode):
@@ -65,15 +70,18 @@ class Hook(struct.PyTreeNode):
 
     per_layer: ClassVar[tuple[str, ...]] = ()  # fields with a leading [num_layers] axis, sliced by the layer scan
     stack: ClassVar[str] = "blocks"  # which layer stack `per_layer` fields index
+    only_layers: ClassVar[tuple[int, ...] | None] = None  # run only at these layers (a subclass may make it a field)
 
     def __call__(self, site: str, value, ctx: Context) -> tuple[Any, Any]:
         return value, None
 
 
 class Capture(Hook):
-    """Return the value at each named site: global sites, and decoder block sites stacked over layers [L, ...]."""
+    """Return the value at each named site: global sites, and decoder block sites stacked over layers [L, ...]
+    (over `only_layers` only, in increasing order, when given)."""
 
     sites: frozenset = struct.field(pytree_node=False, default=frozenset())
+    only_layers: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
     def __call__(self, site, value, ctx):
         return (value, value) if site in self.sites else (value, None)
@@ -90,7 +98,7 @@ class SiteRunner:
 
     def __init__(self, hooks: Mapping[str, Hook], ctx: Context):
         self.hooks = hooks
-        self.ctx = ctx
+        self.ctx = ctx.replace(earlier={})
         self.records: dict[str, dict[str, Any]] = {}
 
     def __call__(self, site: str, value):
@@ -101,6 +109,7 @@ class SiteRunner:
             value, record = hook(site, value, self.ctx)
             if record is not None:
                 self.records.setdefault(name, {})[site] = record
+        self.ctx = self.ctx.replace(earlier={**self.ctx.earlier, site: value})
         return value
 
 
@@ -162,7 +171,26 @@ def parse_site(name: str, num_layers: Mapping[str, int]) -> tuple[str, int | Non
 def scan_layers(block, layer_params, x, hooks: Mapping[str, Hook], ctx: Context, start: int, stop: int):
     """Run layers [start, stop) of a stack under `jax.lax.scan`: (x_out, records stacked over those layers).
 
-    `block(p, x, run)` is one layer; `run` is the SiteRunner it calls at each site."""
+    `block(p, x, run)` is one layer; `run` is the SiteRunner it calls at each site. The scan is split at the
+    layers named by hooks' `only_layers`; such a hook runs only there and its records stack over those layers."""
+    cuts = {start, stop}
+    for hook in hooks.values():
+        if hook.stack == ctx.stack and hook.only_layers is not None:
+            cuts.update(c for layer in hook.only_layers if start <= layer < stop for c in (layer, layer + 1))
+    bounds = sorted(cuts)
+    parts: dict[str, list] = {}
+    for seg_start, seg_stop in zip(bounds[:-1], bounds[1:]):
+        active = {name: hook for name, hook in hooks.items() if hook.stack != ctx.stack
+                  or hook.only_layers is None or seg_start in hook.only_layers}
+        x, records = _scan_segment(block, layer_params, x, active, ctx, seg_start, seg_stop)
+        for name, record in records.items():
+            parts.setdefault(name, []).append(record)
+    records = {name: rs[0] if len(rs) == 1 else jax.tree.map(lambda *r: jnp.concatenate(r, axis=0), *rs)
+               for name, rs in parts.items()}
+    return x, records
+
+
+def _scan_segment(block, layer_params, x, hooks: Mapping[str, Hook], ctx: Context, start: int, stop: int):
     scanned, rebuild = split_per_layer(hooks, ctx.stack, start, stop)
     params = jax.tree.map(lambda p: p[start:stop], layer_params)
 
