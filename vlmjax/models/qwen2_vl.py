@@ -182,7 +182,9 @@ def rope_index(input_ids, attention_mask, grids, image_token_id: int, merge: int
     Per sample, over its non-padding tokens: text advances all three positions by one; an image's tokens (merged
     grid t x h x w) get (start + t_i, start + row, start + col) and the text after it starts at start + max(h, w).
     Each run of image tokens is consumed image by image in image_grid_thw's order; a run that does not split into
-    whole images raises. Spans are (sample, token positions, image index, merged grid (t, h, w))."""
+    whole images raises. Spans are (sample, token positions, image index, merged grid (t, h, w)).
+    A left-padded text-only sample thus starts at position 0, as in HF's `generate`; HF's plain forward without
+    images uses arange(N) instead, padding included (the two agree whenever a batch holds an image or no padding)."""
     b, n = input_ids.shape
     positions = np.zeros((3, b, n), np.int64)
     deltas = np.zeros((b, 1), np.int64)
@@ -258,7 +260,10 @@ def prepare_batch(cfg: Qwen2VLConfig, inputs: dict, dtype) -> tuple[dict, Visual
     is_image = ids == cfg.image_token_id
     types = inputs.get("mm_token_type_ids")
     if types is not None:
-        types = np.asarray(types).reshape(ids.shape)
+        types = np.asarray(types)
+        if (types[None] if types.ndim == 1 else types).shape != ids.shape:
+            raise VlmJaxError(f"mm_token_type_ids has shape {types.shape} but input_ids has {ids.shape}.")
+        types = types.reshape(ids.shape)
         if (types == 2).any():
             raise VlmJaxError("mm_token_type_ids marks video tokens; vlmjax's Qwen2-VL takes images only.")
         if ((types == 1) != is_image).any():
