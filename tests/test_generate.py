@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vlmjax

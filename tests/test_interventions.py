@@ -2,7 +2,6 @@
 left-padded batch whose image starts at a different position in each sample; identity settings bit-identical;
 one compile for a sweep; gradients through traced parameters; clear errors; the input transforms."""
 
-import collections
 import contextlib
 
 import jax
@@ -16,7 +15,7 @@ from transformers.models.llama import modeling_llama
 import vlmjax
 from vlmjax import interventions as iv
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Capture
+from vlmjax.hooks import Capture, validate_hooks
 from vlmjax.reference import load_hf_model
 from vlmjax.tiny import make_tiny_llava
 
@@ -240,12 +239,12 @@ def test_head_masks_both_conventions_match_hf(setup):
 
 @pytest.mark.parametrize("order", ["bias_first", "heads_first"])
 def test_composition_follows_dict_order(setup, order):
-    """VIAR and a uniform head mask on the same layer do not commute: the hooks run in the order of the mapping
-    (an OrderedDict: jax.jit would hand back a plain dict in sorted key order)."""
+    """VIAR and a uniform head mask on the same layer do not commute: the hooks run in the order of the plain dict
+    given (jax.jit alone would hand it back in sorted key order, "heads" before "viar")."""
     bias = iv.AttentionBias.on_layers(LAYERS, [6], bias=3.0)
     heads = iv.HeadMask.heads(LAYERS, setup["model"].config.text.num_heads, [(6, 1)])
     pairs = [("viar", bias), ("heads", heads)]
-    hooks = collections.OrderedDict(pairs if order == "bias_first" else pairs[::-1])
+    hooks = dict(pairs if order == "bias_first" else pairs[::-1])
     ours = _ours(setup, hooks)
     visual = torch.as_tensor(setup["visual"])
 
@@ -437,15 +436,15 @@ def test_errors_are_clear(setup):
         iv.NeuronAblation.zero(LAYERS, model.config.text.intermediate_size, {2: [500]})
     text_only = dict(processor.tokenizer(["what is a circle ?", "the red box"], return_tensors="np", padding=True))
     with pytest.raises(VlmJaxError, match=r"sample\(s\) \[0, 1\] of this batch have none"):
-        iv.run(model, {"viar": iv.AttentionBias.on_layers(LAYERS)}, **text_only)
-    iv.validate({"viar": iv.AttentionBias.on_layers(LAYERS, first_columns=4)}, model.prepare(text_only)[1])  # compat
+        model(hooks={"viar": iv.AttentionBias.on_layers(LAYERS)}, **text_only)
+    validate_hooks({"viar": iv.AttentionBias.on_layers(LAYERS, first_columns=4)}, model.prepare(text_only)[1])
     _, meta = model.prepare(setup["inputs"])
     not_visual = np.zeros_like(setup["visual"])
     not_visual[1, -1] = True
     with pytest.raises(VlmJaxError, match="not a visual token"):
-        iv.validate({"remove": iv.RemoveVisualTokens.from_mask(LAYERS, not_visual)}, meta)
+        validate_hooks({"remove": iv.RemoveVisualTokens.from_mask(LAYERS, not_visual)}, meta)
     with pytest.raises(VlmJaxError, match="token mask has shape"):
-        iv.validate({"soft": iv.ScaleVisualStates.at_layers(LAYERS, 3, setup["visual"][:1])}, meta)
+        validate_hooks({"soft": iv.ScaleVisualStates.at_layers(LAYERS, 3, setup["visual"][:1])}, meta)
 
 
 def test_remove_top_attended_patches_picks_top_fraction(setup):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from pathlib import Path
@@ -12,8 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import models
-from vlmjax.errors import VlmJaxError
 from vlmjax.visual import VisualTokens
+
+def ordered(hooks) -> collections.OrderedDict:
+    """Hooks as an OrderedDict: `jax.jit` rebuilds a plain dict argument in sorted key order, which would silently
+    change the order in which interventions compose; an OrderedDict keeps the caller's order."""
+    return collections.OrderedDict(hooks or {})
+
 
 class ModelOutput(dict):
     """A dict of named intermediates with attribute access (`out.logits`), like HF's ModelOutput."""
@@ -82,10 +88,11 @@ class VLM:
     def __call__(self, *, output_hidden_states: bool = False, output_attentions: bool = False, hooks=None,
                  logits: str | None = "all", params=None, **inputs) -> ModelOutput:
         batch, meta = self.prepare(inputs)
-        from vlmjax.hooks import check_per_layer
+        from vlmjax.hooks import check_per_layer, validate_hooks
 
         check_per_layer(hooks or {}, self.num_layers)
-        out = self._jitted(self.params if params is None else params, batch, hooks or {},
+        validate_hooks(hooks or {}, meta)
+        out = self._jitted(self.params if params is None else params, batch, ordered(hooks),
                            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                            logits=logits)
         out = ModelOutput(out)
@@ -94,8 +101,12 @@ class VLM:
 
 
 def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
-    """Load an HF checkpoint directory or a `vlmjax convert` output directory. `dtype` defaults to the stored one
-    for converted checkpoints and to float32 for HF directories."""
+    """Load an HF checkpoint directory, a `vlmjax convert` output directory or a shipped model ("builtin:NAME").
+    `dtype` defaults to the stored one for converted checkpoints and to float32 for HF directories."""
+    from vlmjax.builtin import resolve as resolve_builtin
+
+    path = resolve_builtin(path)
+
     from converters import hf as hf_conv
     from converters import orbax_io
 

@@ -14,8 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from vlmjax.api import ordered
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Context, Hook, SiteRunner
 from vlmjax.models import decoder
@@ -76,7 +76,6 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
     cfg = model.config
     text_cfg = cfg.text
     b, n = batch["input_ids"].shape
-    total = n + max_new_tokens
     prefill_hooks = {**hooks, _PREFILL: Capture(sites=frozenset({"attn.rot_k", "attn.v"}))}
     out = model.forward(params, batch, prefill_hooks, logits="last")
     captured = out["hooks"][_PREFILL]
@@ -85,7 +84,6 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
     key_valid = jnp.pad(batch["attention_mask"].astype(bool), ((0, 0), (0, max_new_tokens)))
     visual_keys = jnp.pad(batch["input_ids"] == cfg.image_token_id, ((0, 0), (0, max_new_tokens)))
     inv_freq = rope_inv_freq(text_cfg.rope, text_cfg.head_dim)
-    step_hooks = {k: v for k, v in hooks.items()}
     text = params["text"]
 
     def choose(logits, key):
@@ -109,7 +107,7 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
         key_valid = key_valid.at[:, index].set(True)
         x = text["embed"][token][:, None]
         cos, sin = rope_tables(inv_freq, position[:, None], x.dtype)
-        hooks_now = {_CACHE: KVCache(k=cache_k, v=cache_v, index=index), **step_hooks}
+        hooks_now = {_CACHE: KVCache(k=cache_k, v=cache_v, index=index), **hooks}
         run_global = SiteRunner(hooks_now, Context(stack="", visual_mask=visual_keys, key_padding=key_valid))
         res = decoder.forward_from_embeddings(text, x, cos, sin, key_valid, visual_keys, hooks_now, run_global,
                                               text_cfg, logits="all", query_offset=index)
@@ -158,7 +156,7 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id
     key = jax.random.key(0) if key is None else key
-    new, first_logits = _generate(model, model.params, batch, hooks or {}, key, eos, pad, max_new_tokens, do_sample,
+    new, first_logits = _generate(model, model.params, batch, ordered(hooks), key, eos, pad, max_new_tokens, do_sample,
                                   float(temperature), float(top_p), contrastive, alpha, beta)
     prompt = batch["input_ids"][: new.shape[0]]
     tokens = np.concatenate([prompt, np.asarray(new)], axis=1)

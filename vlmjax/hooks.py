@@ -6,7 +6,7 @@ Every model calls `site(name, value)` at the canonical points of its forward pas
 are traced, so one compiled forward serves every value of them (sweeps under `jax.vmap`, gradients with respect to
 them), and its fields listed in `per_layer` carry a leading layer axis that the layer scan slices, so each layer
 sees its own entry. Hooks compose: they run in the order given, each seeing the value the previous one returned
-(`jax.jit` hands a plain dict back in sorted key order: pass a `collections.OrderedDict` to keep yours).
+(`jax.jit` would hand a plain dict back in sorted key order: the model's entry points pass `vlmjax.api.ordered`).
 
 A hook returns `(new_value, record)`; a record that is not None is returned by the compiled forward under
 `outputs["hooks"][hook_name][site]`, stacked over layers for block sites. That is how metrics are reduced inside
@@ -140,6 +140,15 @@ def check_per_layer(hooks: Mapping[str, Hook], num_layers: Mapping[str, int]):
                     f"Hook {name!r} field {f!r} must have a leading axis of {n} (one entry per layer of "
                     f"{hook.stack!r}), got shape {jnp.shape(arr)}. Build it with the hook's constructor helper."
                 )
+
+
+def validate_hooks(hooks: Mapping[str, Hook], meta) -> None:
+    """Host-side checks of hooks against a batch's visual metadata (e.g. an empty visual set where one is needed):
+    every hook with a `validate(meta, name)` method raises a clear error before anything is traced."""
+    for name, hook in hooks.items():
+        check = getattr(hook, "validate", None)
+        if check is not None:
+            check(meta, name)
 
 
 def parse_site(name: str, num_layers: Mapping[str, int]) -> tuple[str, int | None, str]:

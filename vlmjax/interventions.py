@@ -5,12 +5,9 @@ forward serves every value: sweeps under `jax.vmap`, gradients with respect to t
 leading [num_layers] axis (listed in `per_layer`), and it is built with a constructor helper that checks layer and
 head indices, e.g. `AttentionBias.on_layers(num_layers, range(8, 17), bias=2.0)`. Pass interventions (and metrics
 from `vlmjax.probes`) in `hooks={...}`; they run in the mapping's order, each on the value the previous one returned.
-Through `jax.jit` (`model(...)` included) a plain dict comes back in sorted key order: where the order matters, pass
-a `collections.OrderedDict` (`run` does). At its identity setting (bias 0, keep 1, scale 1, no layer active) every
-intervention leaves the forward bit-identical.
-
-What needs the batch (an image in every sample, token masks of the batch's shape) is checked on the host by
-`validate(hooks, meta)` with the metadata from `model.prepare(inputs)`; `run(model, hooks, **inputs)` does both.
+At its identity setting (bias 0, keep 1, scale 1, no layer active) every intervention leaves the forward
+bit-identical. What needs the batch (an image in every sample, token masks of the batch's shape) is checked on the
+host by each hook's `validate(meta, name)`, which `model(...)` calls before anything is traced.
 
 Conventions shared with the model: the additive attention mask puts disallowed scores at finfo.min (never -inf), so
 a score below finfo.min / 2 is one the mask (or an earlier hook) ruled out; blocking a score sets it to finfo.min.
@@ -18,7 +15,6 @@ a score below finfo.min / 2 is one the mask (or an earlier hook) ruled out; bloc
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -96,23 +92,6 @@ class Intervention(Hook):
 
     def validate(self, meta, name: str) -> None:
         """Raise a VlmJaxError if this intervention cannot apply to the batch described by `meta` (VisualTokens)."""
-
-
-def validate(hooks: Mapping[str, Hook], meta) -> None:
-    """Check every hook that has a `validate(meta, name)` method against a batch's visual metadata."""
-    for name, hook in hooks.items():
-        check = getattr(hook, "validate", None)
-        if check is not None:
-            check(meta, name)
-
-
-def run(model, hooks: Mapping[str, Hook], **inputs):
-    """`model(**inputs, hooks=hooks)` after validating the hooks against the batch (clear errors, not wrong numbers),
-    with the hooks in an OrderedDict so that they run in the order given (jax.jit hands a plain dict back in sorted
-    key order)."""
-    _, meta = model.prepare(inputs)
-    validate(hooks, meta)
-    return model(hooks=collections.OrderedDict(hooks), **inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

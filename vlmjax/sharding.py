@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vlmjax.api import ordered
 from vlmjax.errors import VlmJaxError
 
 # Megatron-style: column-parallel in-projections, row-parallel out-projections, vocab-parallel embeddings/head.
@@ -118,6 +119,6 @@ def sharded_forward(model, mesh: Mesh, rules=DEFAULT_RULES, **options):
         return model.forward(params, batch, hooks, **options)
 
     def run(batch: dict, hooks=None):
-        return _run(params, shard_batch(batch, mesh), hooks or {})
+        return _run(params, shard_batch(batch, mesh), ordered(hooks))
 
     return run, params

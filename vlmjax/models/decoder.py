@@ -8,7 +8,6 @@ with its own position scheme (Qwen2-VL's multimodal RoPE) reuses the block uncha
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from vlmjax.config import DecoderConfig
 from vlmjax.hooks import Context, SiteRunner, scan_layers
@@ -97,7 +96,7 @@ def output_hooks(hooks, output_hidden_states: bool, output_attentions: bool) -> 
 
 def forward_from_embeddings(
     params, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg: DecoderConfig, logits: str | None = "all",
-    query_offset=0,
+    query_offset=0, start_layer=0, stop_layer=None,
 ) -> dict:
     """Run the decoder on merged input embeddings and return the named intermediates.
 
@@ -105,19 +104,22 @@ def forward_from_embeddings(
     `logits` is "all" (HF's [B, N, V]), "last" (the last position only, [B, 1, V]) or None (no vocabulary
     projection at all, for runs that only want hidden states or metrics). `query_offset` is the absolute index of
     the first query (decoding with a KV cache: keys are the cache's positions, `key_padding` and `visual_mask`
-    cover them)."""
-    x = run_global("embed", x)
+    cover them). With `start_layer` > 0, `x` is the residual entering that layer; with `stop_layer` < L, the run
+    ends there and returns that layer's input residual under "resid" (no final norm, no logits)."""
+    stop_layer = cfg.num_layers if stop_layer is None else stop_layer
+    if start_layer == 0:
+        x = run_global("embed", x)
     mask_add = attention_mask(cfg, key_padding, x.shape[1], x.dtype, query_offset)
     ctx = Context(stack="blocks", visual_mask=visual_mask, key_padding=key_padding)
-    x, layer_records = run_layers(params, x, cos, sin, mask_add, hooks, ctx, cfg)
+    x, layer_records = run_layers(params, x, cos, sin, mask_add, hooks, ctx, cfg, start_layer, stop_layer)
+    if stop_layer < cfg.num_layers:
+        return {"resid": x, "hooks": _merged(run_global.records, layer_records)}
     last_hidden = run_global("final_norm", rms_norm(params["final_norm"], x, cfg.rms_norm_eps))
     out = {"last_hidden_state": last_hidden, "resid_final": x}
     if logits is not None:
         h = last_hidden[:, -1:] if logits == "last" else last_hidden
         out["logits"] = run_global("logits", h @ unembed_matrix(params).astype(h.dtype))
-    records = {name: dict(r) for name, r in run_global.records.items()}
-    for name, r in layer_records.items():
-        records.setdefault(name, {}).update(r)
+    records = _merged(run_global.records, layer_records)
     if HF_HIDDEN in records:
         r = records.pop(HF_HIDDEN)
         per_layer = r["resid_post"]
@@ -127,3 +129,11 @@ def forward_from_embeddings(
         out["attentions"] = tuple(pattern[i] for i in range(cfg.num_layers))
     out["hooks"] = records
     return out
+
+
+def _merged(global_records: dict, layer_records: dict) -> dict:
+    """{hook name: {site: record}} from the global sites and the layer scan."""
+    records = {name: dict(r) for name, r in global_records.items()}
+    for name, r in layer_records.items():
+        records.setdefault(name, {}).update(r)
+    return records

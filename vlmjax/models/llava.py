@@ -86,26 +86,45 @@ def merge_image_features(embeds, input_ids, features, image_token_id):
     return jnp.where(is_image[:, None], flat[index], embeds.reshape(-1, d)).reshape(b, n, d)
 
 
-def forward(params, batch, cfg: LlavaConfig, hooks=None, *, output_hidden_states=False, output_attentions=False,
-            logits="all") -> dict:
+def add_image_features(params, batch, cfg: LlavaConfig, x, hooks, run_global):
+    """LLaVA-1.5's merge: each image's projected features over its run of image tokens."""
+    feats = image_features(params, batch["pixel_values"], cfg, hooks, run_global)
+    return merge_image_features(x, batch["input_ids"], feats, cfg.image_token_id), feats
+
+
+def language_forward(params, batch, cfg, hooks, add_images, *, output_hidden_states=False, output_attentions=False,
+                     logits="all", start_layer=0, stop_layer=None, resid=None) -> dict:
+    """The forward of every LLaVA-style family, given its way of merging image features into the embeddings
+    (`add_images(params, batch, cfg, x, hooks, run_global) -> (x, features)`).
+
+    `stop_layer` / `start_layer` + `resid` split the decoder: a run stopped at layer l returns the residual entering
+    layer l under "resid", and a run started at l from that residual skips the vision tower and the layers before l
+    (a sweep computes the part its values share once; see vlmjax.sweep)."""
     hooks = decoder.output_hooks(hooks, output_hidden_states, output_attentions)
     input_ids = batch["input_ids"]
     key_padding = batch.get("attention_mask")
     key_padding = jnp.ones_like(input_ids, bool) if key_padding is None else key_padding.astype(bool)
     visual_mask = input_ids == cfg.image_token_id
     run_global = SiteRunner(hooks, Context(stack="", visual_mask=visual_mask, key_padding=key_padding))
-
     text = params["text"]
-    x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
     out = {}
-    if batch.get("pixel_values") is not None:
-        feats = image_features(params, batch["pixel_values"], cfg, hooks, run_global)
-        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
-        out["image_features"] = feats
+    if resid is not None:
+        x = resid
+    else:
+        x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
+        if batch.get("pixel_values") is not None:
+            x, out["image_features"] = add_images(params, batch, cfg, x, hooks, run_global)
     positions = batch.get("position_ids")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     cos, sin = rope_tables(rope_inv_freq(cfg.text.rope, cfg.text.head_dim), positions, x.dtype)
     out.update(decoder.forward_from_embeddings(
-        text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits))
+        text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits,
+        start_layer=start_layer, stop_layer=stop_layer))
     return out
+
+
+def forward(params, batch, cfg: LlavaConfig, hooks=None, **options) -> dict:
+    """Options: output_hidden_states, output_attentions, logits ("all" | "last" | None), start_layer, stop_layer,
+    resid (see `language_forward`)."""
+    return language_forward(params, batch, cfg, hooks, add_image_features, **options)

@@ -23,10 +23,8 @@ import numpy as np
 from converters.keymaps import LLAVA_NEXT_ROWS as KEY_ROWS
 from vlmjax.config import LlavaConfig, llava_from_hf
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Context, SiteRunner
 from vlmjax.inputs import text_batch
-from vlmjax.models import decoder, llava
-from vlmjax.models.layers import rope_inv_freq, rope_tables
+from vlmjax.models import llava
 from vlmjax.visual import BASE, CROP, NEWLINE, ImageSpan, VisualTokens
 
 ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")
@@ -229,26 +227,13 @@ def merge_anyres_features(embeds, visual_mask, features, image_newline, feature_
     return jnp.where(visual_mask[..., None], table.astype(embeds.dtype)[feature_index], embeds)
 
 
-def forward(params, batch, cfg: LlavaNextConfig, hooks=None, *, output_hidden_states=False,
-            output_attentions=False, logits="all") -> dict:
-    hooks = decoder.output_hooks(hooks, output_hidden_states, output_attentions)
-    input_ids = batch["input_ids"]
-    key_padding = batch.get("attention_mask")
-    key_padding = jnp.ones_like(input_ids, bool) if key_padding is None else key_padding.astype(bool)
-    visual_mask = input_ids == cfg.image_token_id
-    run_global = SiteRunner(hooks, Context(stack="", visual_mask=visual_mask, key_padding=key_padding))
+def add_anyres_features(params, batch, cfg: LlavaNextConfig, x, hooks, run_global):
+    """Base image and crops through the tower, newline rows added, gathered onto the image tokens."""
+    feats = llava.image_features(params, batch["pixel_values"], cfg, hooks, run_global)
+    visual_mask = batch["input_ids"] == cfg.image_token_id
+    return merge_anyres_features(x, visual_mask, feats, params["image_newline"], batch["image_feature_index"]), feats
 
-    text = params["text"]
-    x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
-    out = {}
-    if batch.get("pixel_values") is not None:
-        feats = llava.image_features(params, batch["pixel_values"], cfg, hooks, run_global)
-        x = merge_anyres_features(x, visual_mask, feats, params["image_newline"], batch["image_feature_index"])
-        out["image_features"] = feats
-    positions = batch.get("position_ids")
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    cos, sin = rope_tables(rope_inv_freq(cfg.text.rope, cfg.text.head_dim), positions, x.dtype)
-    out.update(decoder.forward_from_embeddings(
-        text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits))
-    return out
+
+def forward(params, batch, cfg: LlavaNextConfig, hooks=None, **options) -> dict:
+    """Options as `llava.language_forward`."""
+    return llava.language_forward(params, batch, cfg, hooks, add_anyres_features, **options)
