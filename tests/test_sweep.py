@@ -36,6 +36,8 @@ def test_shared_prefix_sweep_equals_separate_full_runs(setup):
     values = np.linspace(0, 3, 16, dtype=np.float32)
     out = sweep(model, inputs, viar, values, first_layer=ZONE[0])
     assert out["logits"].shape[0] == 16
+    chunked = sweep(model, inputs, viar, values, first_layer=ZONE[0], chunk=4)
+    np.testing.assert_allclose(np.asarray(chunked["logits"]), np.asarray(out["logits"]), rtol=0, atol=1e-5)
     for i in (0, 7, 15):
         full = np.asarray(model(**inputs, hooks=viar(float(values[i])), logits="last").logits)
         np.testing.assert_allclose(np.asarray(out["logits"][i]), full, rtol=0, atol=1e-5)

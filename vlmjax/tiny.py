@@ -58,12 +58,13 @@ def make_tiny_llava(out_dir: str | Path, variant: str = "gqa", seed: int = 0, vo
     text_spec.update(spec.get("text", {}))
     model_type = text_spec.pop("model_type", "llama")
     text_cfg = (MistralConfig if model_type == "mistral" else LlamaConfig)(**text_spec)
-    vision_cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers,
-                                  num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-                                  projection_dim=32)
+    vision_spec = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers, num_attention_heads=4,
+                       image_size=image_size, patch_size=patch_size, projection_dim=32)
+    vision_spec.update(spec.get("vision", {}))
+    vision_cfg = CLIPVisionConfig(**vision_spec)
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    top = {k: v for k, v in spec.items() if k not in ("text",)}
+    top = {k: v for k, v in spec.items() if k not in ("text", "vision")}
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
                       **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top})
     torch.manual_seed(seed)
