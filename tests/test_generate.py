@@ -1,6 +1,7 @@
 """KV-cache decoding: greedy equals HF generate token for token; sampling is seeded; one compile per shape."""
 
 import jax
+import torch
 import numpy as np
 import pytest
 from PIL import Image
@@ -80,10 +81,36 @@ def test_vcd_contrastive_decoding(setup):
     noisy = feed["pixel_values"] + np.random.default_rng(0).normal(size=feed["pixel_values"].shape).astype(np.float32)
     _, first = gen.generate(model, feed, 2, contrast_pixel_values=noisy, alpha=0.5, beta=0.2,
                             return_first_logits=True)
-    batch = dict(feed, position_ids=gen.generation_positions(feed["attention_mask"]))
+    batch = dict(feed, position_ids=model.module.decode_start(model.prepare(feed)[0])[0]["position_ids"])
     l_real = np.asarray(model(**batch, logits="last").logits[:, -1])
     l_dist = np.asarray(model(**dict(batch, pixel_values=noisy), logits="last").logits[:, -1])
     want = np.asarray(gen.contrastive_logits(l_real, l_dist, 0.5, 0.2))
     finite = np.isfinite(want)
     np.testing.assert_array_equal(finite, np.isfinite(first))
     np.testing.assert_allclose(first[finite], want[finite], atol=1e-4)
+
+
+def _hf_greedy(path, inputs, new):
+    return load_hf_model(path).generate(**{k: torch.as_tensor(v) for k, v in inputs.items()}, max_new_tokens=new,
+                                        do_sample=False, eos_token_id=2, pad_token_id=3).numpy()
+
+
+def test_greedy_matches_hf_for_llava_next_and_qwen2_vl(tmp_path):
+    """The other families decode through their own positions: LLaVA-NeXT's anyres prompt, Qwen2-VL's M-RoPE
+    (the step position is the absolute index plus rope_deltas, the three axes together)."""
+    from vlmjax.tiny_llava_next import make_tiny_llava_next
+    from vlmjax.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+    rng = np.random.default_rng(2)
+    pictures = [Image.fromarray((rng.random(s) * 255).astype("uint8")) for s in ((40, 70, 3), (56, 28, 3))]
+    _, next_processor = make_tiny_llava_next(tmp_path / "next", variant="mistral")
+    _, qwen_processor = make_tiny_qwen2_vl(tmp_path / "qwen", variant="gqa")
+    qwen_image = "<|vision_start|><|image_pad|><|vision_end|>"
+    cases = [(tmp_path / "next", next_processor, PROMPTS),
+             (tmp_path / "qwen", qwen_processor, [p.replace("<image>", qwen_image) for p in PROMPTS])]
+    for path, processor, prompts in cases:
+        processor.tokenizer.padding_side = "left"
+        inputs = dict(processor(images=pictures, text=prompts, return_tensors="np", padding=True))
+        ref = _hf_greedy(path, inputs, 10)
+        ours = gen.generate(vlmjax.load(path, progress=False), inputs, 10, eos_token_id=2, pad_token_id=3)
+        np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)

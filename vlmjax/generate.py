@@ -4,7 +4,8 @@ The cache is itself a hook: prefill captures every layer's rotated keys and valu
 each decode step's `KVCache` hook writes the new token's key and value into the cache at the step's index and hands
 attention the whole cache, with the mask computed from the cache's valid positions. User hooks (interventions,
 metrics) compose with it in prefill and in every step. Greedy decoding matches HF `generate` token for token
-(positions from the attention mask's cumulative sum, as HF does for left-padded batches).
+(each family's `decode_start` / `step_rotary` give HF's positions: the mask's cumulative sum for LLaVA-style models,
+the rope index plus `rope_deltas` for Qwen2-VL's M-RoPE).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from vlmjax.api import ordered
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Context, Hook, SiteRunner
 from vlmjax.models import decoder
-from vlmjax.models.layers import rope_inv_freq, rope_tables
 
 _PREFILL = "_kv_prefill"
 _CACHE = "_kv_cache"
@@ -57,12 +57,6 @@ def _next_token(logits, key, do_sample: bool, temperature: float, top_p: float):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def generation_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """HF's position ids for generation: cumulative sum of the mask minus one, 0 at padding."""
-    pos = np.cumsum(attention_mask, axis=-1) - 1
-    return np.where(attention_mask == 0, 0, pos).astype(np.int32)
-
-
 def contrastive_logits(real, distorted, alpha, beta):
     """VCD (SPEC.md section 6): (1 + a) l(v) - a l(v'), with tokens below log(beta) + max l(v) cut to -inf."""
     cutoff = jnp.log(beta) + jnp.max(real, axis=-1, keepdims=True)
@@ -71,7 +65,7 @@ def contrastive_logits(real, distorted, alpha, beta):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample", "temperature", "top_p",
                                              "contrastive"))
-def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p,
+def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p,
               contrastive=False, alpha=1.0, beta=0.1):
     cfg = model.config
     text_cfg = cfg.text
@@ -83,7 +77,6 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
     cache_k, cache_v = grow(captured["attn.rot_k"]), grow(captured["attn.v"])
     key_valid = jnp.pad(batch["attention_mask"].astype(bool), ((0, 0), (0, max_new_tokens)))
     visual_keys = jnp.pad(batch["input_ids"] == cfg.image_token_id, ((0, 0), (0, max_new_tokens)))
-    inv_freq = rope_inv_freq(text_cfg.rope, text_cfg.head_dim)
     text = params["text"]
 
     def choose(logits, key):
@@ -106,7 +99,7 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
         finished = finished | (token == eos)
         key_valid = key_valid.at[:, index].set(True)
         x = text["embed"][token][:, None]
-        cos, sin = rope_tables(inv_freq, position[:, None], x.dtype)
+        cos, sin = model.module.step_rotary(cfg, position, x.dtype)
         hooks_now = {_CACHE: KVCache(k=cache_k, v=cache_v, index=index), **hooks}
         run_global = SiteRunner(hooks_now, Context(stack="", visual_mask=visual_keys, key_padding=key_valid))
         res = decoder.forward_from_embeddings(text, x, cos, sin, key_valid, visual_keys, hooks_now, run_global,
@@ -117,7 +110,6 @@ def _generate(model, params, batch, hooks, key, eos, pad, max_new_tokens, do_sam
         carry = (nxt, cache["attn.rot_k"], cache["attn.v"], key_valid, position + 1, index + 1, finished, key)
         return carry, token
 
-    position = jnp.asarray(batch["position_ids"])[:, -1] + 1
     carry = (first, cache_k, cache_v, key_valid, position, jnp.asarray(n, jnp.int32), finished, key)
     _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
     if contrastive:
@@ -138,25 +130,25 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     With `contrast_pixel_values` (the same images distorted, e.g. `vcd_noise`), decodes VCD-style: the real and
     the distorted streams run together as one batch of 2B and each step's token comes from
     `contrastive_logits(real, distorted, alpha, beta)`; the returned first logits are the contrasted ones."""
-    if model.config.model_type not in ("llava", "llava_next"):
-        raise VlmJaxError(f"KV-cache decoding is implemented for the llava and llava_next families; {model.config.model_type!r} "
-                          "is not supported yet.")
     if do_sample and key is None:
         raise VlmJaxError("Sampling needs an explicit PRNG key: generate(..., do_sample=True, key=jax.random.key(0)).")
     if temperature <= 0 or not 0 < top_p <= 1:
         raise VlmJaxError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}.")
     batch, _ = model.prepare(inputs)
     contrastive = contrast_pixel_values is not None
+    if contrastive and model.config.model_type == "qwen2_vl":
+        raise VlmJaxError("Contrastive (VCD) decoding is implemented for LLaVA-style families; Qwen2-VL's packed "
+                          "patches are not supported yet.")
     if contrastive:
         distorted = np.asarray(contrast_pixel_values, batch["pixel_values"].dtype)
         if distorted.shape != batch["pixel_values"].shape:
             raise VlmJaxError(f"contrast_pixel_values has shape {distorted.shape}, the images {batch['pixel_values'].shape}.")
         batch = {k: np.concatenate([v, distorted if k == "pixel_values" else v]) for k, v in batch.items()}
-    batch["position_ids"] = generation_positions(batch["attention_mask"])
+    batch, position = model.module.decode_start(batch)
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id
     key = jax.random.key(0) if key is None else key
-    new, first_logits = _generate(model, model.params, batch, ordered(hooks), key, eos, pad, max_new_tokens, do_sample,
+    new, first_logits = _generate(model, model.params, batch, position, ordered(hooks), key, eos, pad, max_new_tokens, do_sample,
                                   float(temperature), float(top_p), contrastive, alpha, beta)
     prompt = batch["input_ids"][: new.shape[0]]
     tokens = np.concatenate([prompt, np.asarray(new)], axis=1)

@@ -92,10 +92,32 @@ def add_image_features(params, batch, cfg: LlavaConfig, x, hooks, run_global):
     return merge_image_features(x, batch["input_ids"], feats, cfg.image_token_id), feats
 
 
-def language_forward(params, batch, cfg, hooks, add_images, *, output_hidden_states=False, output_attentions=False,
-                     logits="all", start_layer=0, stop_layer=None, resid=None) -> dict:
-    """The forward of every LLaVA-style family, given its way of merging image features into the embeddings
-    (`add_images(params, batch, cfg, x, hooks, run_global) -> (x, features)`).
+def rotary_1d(cfg, batch, dtype):
+    """Llama-style rotary tables from 1-D position ids (HF's default: 0..N-1)."""
+    input_ids = batch["input_ids"]
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    return rope_tables(rope_inv_freq(cfg.text.rope, cfg.text.head_dim), positions, dtype)
+
+
+def step_rotary(cfg, positions, dtype):
+    """Rotary tables [B, 1, hd] for one decode step at 1-D positions [B]."""
+    return rope_tables(rope_inv_freq(cfg.text.rope, cfg.text.head_dim), positions[:, None], dtype)
+
+
+def decode_start(batch: dict) -> tuple[dict, np.ndarray]:
+    """(prefill batch, first decode position [B]): HF's generation positions (mask cumsum - 1, 0 at padding)."""
+    mask = batch["attention_mask"]
+    positions = np.where(mask == 0, 0, np.cumsum(mask, axis=-1) - 1).astype(np.int32)
+    return {**batch, "position_ids": positions}, positions[:, -1] + 1
+
+
+def language_forward(params, batch, cfg, hooks, add_images, *, rotary=rotary_1d, output_hidden_states=False,
+                     output_attentions=False, logits="all", start_layer=0, stop_layer=None, resid=None) -> dict:
+    """The forward of every family that writes image features over image tokens of a Llama-family decoder, given
+    its way of merging them (`add_images(params, batch, cfg, x, hooks, run_global) -> (x, features)`) and of
+    building rotary tables (`rotary(cfg, batch, dtype) -> (cos, sin)`).
 
     `stop_layer` / `start_layer` + `resid` split the decoder: a run stopped at layer l returns the residual entering
     layer l under "resid", and a run started at l from that residual skips the vision tower and the layers before l
@@ -114,10 +136,7 @@ def language_forward(params, batch, cfg, hooks, add_images, *, output_hidden_sta
         x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
         if batch.get("pixel_values") is not None:
             x, out["image_features"] = add_images(params, batch, cfg, x, hooks, run_global)
-    positions = batch.get("position_ids")
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    cos, sin = rope_tables(rope_inv_freq(cfg.text.rope, cfg.text.head_dim), positions, x.dtype)
+    cos, sin = rotary(cfg, batch, x.dtype)
     out.update(decoder.forward_from_embeddings(
         text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits,
         start_layer=start_layer, stop_layer=stop_layer))

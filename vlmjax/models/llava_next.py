@@ -25,6 +25,7 @@ from vlmjax.config import LlavaConfig, llava_from_hf
 from vlmjax.errors import VlmJaxError
 from vlmjax.inputs import text_batch
 from vlmjax.models import llava
+from vlmjax.models.llava import decode_start, step_rotary  # noqa: F401  (family interface: decoding)
 from vlmjax.visual import BASE, CROP, NEWLINE, ImageSpan, VisualTokens
 
 ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")

@@ -41,6 +41,7 @@ from vlmjax.inputs import text_batch
 from vlmjax.models import decoder
 from vlmjax.models.layers import (activation, additive_mask, apply_rope, attention, layer_norm, linear,
                                   rope_inv_freq)
+from vlmjax.models import llava
 from vlmjax.models.llava import merge_image_features
 from vlmjax.visual import PATCH, ImageSpan, VisualTokens
 
@@ -359,22 +360,30 @@ def mrope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def forward(params, batch, cfg: Qwen2VLConfig, hooks=None, *, output_hidden_states=False, output_attentions=False,
-            logits="all") -> dict:
-    hooks = decoder.output_hooks(hooks, output_hidden_states, output_attentions)
-    input_ids = batch["input_ids"]
-    key_padding = batch["attention_mask"].astype(bool)
-    visual_mask = input_ids == cfg.image_token_id
-    run_global = SiteRunner(hooks, Context(stack="", visual_mask=visual_mask, key_padding=key_padding))
+def step_rotary(cfg: Qwen2VLConfig, positions, dtype):
+    """Rotary tables for one decode step: after the prompt, the three M-RoPE axes advance together."""
+    return mrope_tables(cfg.text.rope, cfg.text.head_dim, jnp.broadcast_to(positions[None, :, None],
+                                                                           (3, positions.shape[0], 1)), dtype)
 
-    text = params["text"]
-    x = text["embed"][jnp.where(visual_mask, 0, input_ids)]
-    out = {"rope_deltas": batch["rope_deltas"]}
-    if batch.get("pixel_values") is not None:
-        feats = image_features(params, batch, cfg, hooks, run_global)
-        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
-        out["image_features"] = feats
-    cos, sin = mrope_tables(cfg.text.rope, cfg.text.head_dim, batch["position_ids"], x.dtype)
-    out.update(decoder.forward_from_embeddings(
-        text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits))
+
+def decode_start(batch: dict) -> tuple[dict, np.ndarray]:
+    """(prefill batch, first decode position [B]): the prompt keeps its rope-index positions; the k-th new token
+    of a sample is at (its real tokens before it) + rope_deltas, as HF decodes, i.e. max prompt position + 1 + k."""
+    real = batch["attention_mask"].astype(np.int32).sum(axis=1)
+    return batch, (real + batch["rope_deltas"][:, 0]).astype(np.int32)
+
+
+def add_image_features(params, batch, cfg: Qwen2VLConfig, x, hooks, run_global):
+    feats = image_features(params, batch, cfg, hooks, run_global)
+    return merge_image_features(x, batch["input_ids"], feats, cfg.image_token_id), feats
+
+
+def rotary_mrope(cfg: Qwen2VLConfig, batch, dtype):
+    return mrope_tables(cfg.text.rope, cfg.text.head_dim, batch["position_ids"], dtype)
+
+
+def forward(params, batch, cfg: Qwen2VLConfig, hooks=None, **options) -> dict:
+    """Options as `llava.language_forward`; the output also holds the `rope_deltas` decoding needs."""
+    out = llava.language_forward(params, batch, cfg, hooks, add_image_features, rotary=rotary_mrope, **options)
+    out["rope_deltas"] = batch["rope_deltas"]
     return out
