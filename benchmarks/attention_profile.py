@@ -53,8 +53,9 @@ def make_inputs(batch: int, image_token_id: int, seed: int = 0) -> dict:
 
 
 def needed_flops(batch: int, sweep: bool) -> float:
-    """Multiply-adds x 2 that the result needs: vision tower (up to the feature layer), projector, decoder layers;
-    for the sweep, the shared part once, the zone and later layers and one vocabulary row per value."""
+    """Multiply-adds x 2 that the result needs: vision tower (up to the feature layer), projector, decoder layers
+    (for the profile, the last layer only up to its attention pattern: q, k and the scores); for the sweep, the
+    shared part once, then per value the zone and later layers and one vocabulary row per sample."""
     s = SHAPE
     t = (s["image_size"] // s["patch_size"]) ** 2 + 1
     dv, dt = s["vision_hidden"], s["text_hidden"]
@@ -64,7 +65,8 @@ def needed_flops(batch: int, sweep: bool) -> float:
     projector = 2 * (t - 1) * (dv * dt + dt * dt)
     text_layer = 2 * n * (4 * dt * dt + 3 * dt * s["text_ffn"]) + 2 * 2 * n * n * dt
     if not sweep:
-        return batch * (vision + projector + s["text_layers"] * text_layer)
+        last_layer_pattern = 2 * n * 2 * dt * dt + 2 * n * n * dt
+        return batch * (vision + projector + (s["text_layers"] - 1) * text_layer + last_layer_pattern)
     first = s["text_layers"] // 3
     shared = vision + projector + first * text_layer
     per_value = (s["text_layers"] - first) * text_layer + 2 * dt * s["vocab"]

@@ -34,10 +34,13 @@ from vlmjax.metrics import (
     cosine_of_updates,
     gather_positions,
     head_detection_score,
+    hellinger,
     last_query_visual_map,
     lens_target_rank_and_prob,
     lens_top_k,
     region_mass,
+    spatial_entropy,
+    top_fraction_clusters,
     visual_fraction,
     visual_fraction_per_head,
     visual_mass,
@@ -390,3 +393,67 @@ def read_captures(out: Mapping[str, Any], hooks: Mapping[str, Hook], num_layers:
             value = value[layer]
         values[name] = value
     return values
+
+
+class RopeBaseline(Hook):
+    """SPEC §3 RoPE baseline eps_RoPE = RID(X with rotary | X without), per layer and sample, X being the keys of all
+    heads side by side ([N, KVH * hd], real tokens) [inferred: the SPEC names no tensor; keys are where rotary acts
+    and what attention reads]. Site: attn.rot_k (needs attn.k earlier in the block). Record [B] per layer."""
+
+    energy: float = struct.field(pytree_node=False, default=0.99)
+
+    def __call__(self, site, value, ctx):
+        if site != "attn.rot_k":
+            return value, None
+        flat = lambda k: k.reshape(*k.shape[:2], -1)
+        return value, batched_rid(flat(value), flat(ctx.earlier["attn.k"]), ctx.key_padding, energy=self.energy)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host-side analysis of per-layer attention maps (SPEC §2 and §5)
+
+
+def map_grids(maps, meta) -> list[np.ndarray]:
+    """Per-sample patch grids of `LastQueryVisualMap` records [L, B, N]: [L, gh, gw] for each sample's first image
+    (its patch tokens placed by their grid row / column; CLS and newline tokens left out)."""
+    maps = np.asarray(maps)
+    grids = []
+    for b in range(maps.shape[1]):
+        image = next((im for im in meta.images if im.sample == b), None)
+        if image is None:
+            raise VlmJaxError(f"Sample {b} has no image: an attention map needs visual tokens.")
+        rows, cols = image.grid[-2:]
+        tokens = np.flatnonzero((meta.image_index[b] == meta.images.index(image)) & (meta.grid_row[b] >= 0))
+        grid = np.zeros((maps.shape[0], rows, cols), maps.dtype)
+        grid[:, meta.grid_row[b, tokens], meta.grid_col[b, tokens]] = maps[:, b, tokens]
+        grids.append(grid)
+    return grids
+
+
+def map_statistics(maps, meta, fraction: float = 0.3) -> dict[str, np.ndarray]:
+    """SPEC §5 per layer and sample: spatial entropy of the map and the number of connected clusters of its top
+    `fraction` patches; SPEC §2 Hellinger distance between every pair of layers' maps. Shapes [L, B], [L, B],
+    [B, L, L]."""
+    maps = np.asarray(maps)
+    grids = map_grids(maps, meta)
+    entropy = np.stack([np.asarray(spatial_entropy(jnp.asarray(g))) for g in grids], axis=1)
+    clusters = np.stack([np.asarray(top_fraction_clusters(g, fraction)) for g in grids], axis=1)
+    per_sample = np.moveaxis(maps, 1, 0)  # [B, L, N]
+    distance = np.asarray(hellinger(jnp.asarray(per_sample)[:, :, None], jnp.asarray(per_sample)[:, None, :]))
+    return {"spatial_entropy": entropy, "clusters": clusters, "hellinger": distance}
+
+
+def contrastive_mask(maps, visual_mask, fusion_layers: Iterable[int], post_layer: int, percentile: float = 20.0):
+    """SPEC §2 contrastive attention: the pre-integrated layer i* = argmax over `fusion_layers` of H(A_i, A_post),
+    C = |A_post - A_i*|, and the visual tokens whose C is below its `percentile`-th percentile (to be scaled down
+    at the review layer with `interventions.ScaleVisualStates`). `maps` [L, B, N] from `LastQueryVisualMap`,
+    `visual_mask` [B, N] (the metadata's mask). Returns (i* [B], C [B, N], mask [B, N] bool)."""
+    maps = np.asarray(maps)
+    fusion = np.asarray(list(fusion_layers))
+    post = maps[post_layer]
+    distances = np.stack([np.asarray(hellinger(jnp.asarray(maps[i]), jnp.asarray(post))) for i in fusion])  # [F, B]
+    chosen = fusion[np.argmax(distances, axis=0)]
+    contrast = np.abs(post - maps[chosen, np.arange(maps.shape[1])])
+    visual = np.asarray(visual_mask, bool)
+    cut = np.array([np.percentile(c[v], percentile) if v.any() else -np.inf for c, v in zip(contrast, visual)])
+    return chosen, contrast, visual & (contrast < cut[:, None])
