@@ -248,3 +248,20 @@ def test_error_image_count_mismatch(tiny):
         model(**{**inputs, "pixel_values": inputs["pixel_values"][:, :, :28]})
     with pytest.raises(VlmJaxError, match="outside the vocabulary"):
         model(**{**inputs, "input_ids": inputs["input_ids"] + 1000})
+
+
+def test_torch_inputs_and_vision_tower_alone(tiny):
+    """Processor outputs as torch tensors work as numpy ones do; the vision tower + projector output alone equals
+    HF's get_image_features."""
+    import torch
+
+    path, processor = tiny("gqa")
+    model = vlmjax.load(path, progress=False)
+    as_torch = processor(images=_images(2), text=PADDED_PAIR, return_tensors="pt", padding=True)
+    as_numpy = {k: v.numpy() for k, v in as_torch.items()}
+    ours = model(**as_torch)
+    np.testing.assert_array_equal(np.asarray(ours.logits), np.asarray(model(**as_numpy).logits))
+    with torch.no_grad():
+        hf = load_hf_model(path).model.get_image_features(pixel_values=as_torch["pixel_values"]).pooler_output
+    hf = torch.stack(list(hf)).numpy()
+    assert np.abs(np.asarray(ours["image_features"]) - hf).max() <= TOL

@@ -259,3 +259,21 @@ def test_text_only_batch_runs(vicuna):
     out = vicuna["model"](**inputs)
     assert not out.visual.mask.any() and "pixel_values" not in vicuna["model"].prepare(inputs)[0]
     assert np.abs(np.asarray(out.logits) - run_hf(vicuna["hf"], dict(inputs))["logits"]).max() <= TOLERANCE
+
+
+def test_vision_tower_and_packing_alone_match_hf(vicuna):
+    """The image features written over the image tokens (tower, projector, crops, unpadding, newlines) equal HF's
+    get_image_features output on its own."""
+    import torch
+
+    from vlmjax.hooks import Capture
+
+    inputs = dict(processor_inputs(vicuna["processor"], "wide_and_square"))
+    out = vicuna["model"](**inputs, hooks={"embed": Capture(sites=frozenset({"embed"}))}, logits=None)
+    ours = np.asarray(out["hooks"]["embed"]["embed"])[inputs["input_ids"] == vicuna["model"].config.image_token_id]
+    with torch.no_grad():
+        packed = vicuna["hf"].model.get_image_features(pixel_values=torch.as_tensor(inputs["pixel_values"]),
+                                                       image_sizes=torch.as_tensor(inputs["image_sizes"]))
+    theirs = torch.cat(list(packed.pooler_output)).numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-4
