@@ -54,7 +54,7 @@ def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, 
     yes_ids, no_ids = answer_token_ids(tokenizer, "yes"), answer_token_ids(tokenizer, "no")
     image_token = getattr(processor, "image_token", "<image>")
     texts = {r.question_id: prompt.format(question=r.text).replace("<image>", image_token) for r in records}
-    length = _prompt_length(processor, records[0], texts) if records else 0
+    length = prompt_length(processor, records[0], texts) if records else 0
     logger = ScalarLogger(str(logdir)) if logdir else None
     with ResultsWriter(str(out_path), id_key="id") as writer:
         todo = [r for r in records if r.question_id in set(writer.pending([r.question_id for r in records]))]
@@ -87,7 +87,7 @@ def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, 
     return results
 
 
-def _prompt_length(processor, sample: PopeRecord, texts: dict) -> int:
+def prompt_length(processor, sample: PopeRecord, texts: dict) -> int:
     """The longest prompt of the set once the processor expands the image placeholder, rounded up to a multiple of
     8: the sample's expanded length plus how much longer the longest text tokenises."""
     tokenize = lambda t: len(processor.tokenizer(t)["input_ids"])

@@ -1,0 +1,34 @@
+"""The runnable studies: they run end to end on a small model, write their outputs and resume without repeating."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmjax.tiny import make_tiny_llava
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import neglect_zone  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    make_tiny_llava(path, variant="gqa", text_layers=4)
+    return path
+
+
+def test_neglect_zone_study_runs_and_resumes(tiny_model, tmp_path):
+    config = json.loads(neglect_zone.CONFIG.read_text())
+    config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=3, batch_size=4)
+    summary = neglect_zone.run(config)
+    assert summary["questions"] == 9 and summary["zone"] == [1, 2]
+    assert len(summary["visual_fraction"]) == 4 and all(0 < f < 1 for f in summary["visual_fraction"])
+    assert [v["bias"] for v in summary["viar"]] == config["biases"]
+    assert len({round(v["brier"], 9) for v in summary["viar"]}) > 1  # the bias changes p(yes)
+    records = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(records) == 9 and (tmp_path / "neglect_zone.png").stat().st_size > 10_000
+    again = neglect_zone.run(config)  # everything done: nothing recomputed, the same summary
+    assert (tmp_path / "records.jsonl").read_text().splitlines() == records
+    assert again == summary
