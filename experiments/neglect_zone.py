@@ -12,7 +12,6 @@ Usage: python experiments/neglect_zone.py [--config experiments/neglect_zone.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-import vlmjax
+from common import batches, main_with_config, p_yes_of, setup
 from vlmjax import interventions as iv
-from vlmjax.eval.pope import brier_score, yes_probability
+from vlmjax.eval.pope import brier_score
 from vlmjax.eval.records import ResultsWriter
-from vlmjax.eval.run import DEFAULT_PROMPT, answer_token_ids, load_shapes_pope, prompt_length
 from vlmjax.eval.stats import point_biserial
 from vlmjax.probes import ResidualUpdateCosine, VisualAttention, paired_inputs
 from vlmjax.sweep import make_sweep
@@ -40,13 +38,7 @@ def zone_layers(num_layers: int, zone) -> list[int]:
 
 
 def run(config: dict) -> dict:
-    from transformers import AutoProcessor
-
-    model = vlmjax.load(config["model"], progress=False)
-    processor = AutoProcessor.from_pretrained(str(model.path))
-    processor.tokenizer.padding_side = "left"
-    out = Path(config["out"])
-    records = _questions(config, model, out)
+    model, processor, records, out = setup(config)
     num_layers = model.num_layers["blocks"]
     zone = zone_layers(num_layers, config["zone"])
     biases = np.asarray(config["biases"], np.float32)
@@ -54,26 +46,16 @@ def run(config: dict) -> dict:
     sweep = make_sweep(model, lambda b: {"viar": iv.AttentionBias(b * flags)}, first_layer=zone[0], chunk=1)
     hooks = {"visual": VisualAttention(), "collapse": ResidualUpdateCosine()}
     profile = jax.jit(lambda params, batch: model.forward(params, batch, hooks, logits=None)["hooks"])
-    yes_ids, no_ids = answer_token_ids(processor.tokenizer, "yes"), answer_token_ids(processor.tokenizer, "no")
-    texts = {r.question_id: DEFAULT_PROMPT.format(question=r.text) for r in records}
-    length = prompt_length(processor, records[0], texts)
-    size = config["batch_size"]
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     with ResultsWriter(str(out / "records.jsonl"), id_key="id") as writer:
         pending = set(writer.pending([r.question_id for r in records]))
-        todo = [r for r in records if r.question_id in pending]
-        for start in tqdm(range(0, len(todo), size), desc="neglect zone", unit="batch"):
-            chunk = todo[start:start + size]
-            real = len(chunk)
-            chunk = chunk + [chunk[-1]] * (size - real)  # one compiled shape
-            inputs = dict(processor(images=[r.load_image() for r in chunk], text=[texts[r.question_id] for r in chunk],
-                                    return_tensors="np", padding="max_length", max_length=length))
-            null = iv.null_image(inputs["pixel_values"], config["null_image"], processor.image_processor.image_mean,
-                                 processor.image_processor.image_std)
+        for chunk, real, inputs in tqdm(batches(processor, records, pending, config["batch_size"]),
+                                        desc="neglect zone", unit="batch"):
+            null = iv.null_image(inputs["pixel_values"], config["null_image"], mean, std)
             paired, _ = model.prepare(paired_inputs(inputs, null))
             measured = jax.device_get(profile(model.params, paired))
             batch, _ = model.prepare(inputs)
-            logits = np.asarray(sweep(model.params, batch, biases)["logits"])[:, :, -1]  # [K, B, V]
-            p_yes = yes_probability(logits, yes_ids, no_ids)  # [K, B]
+            p_yes = p_yes_of(processor, np.asarray(sweep(model.params, batch, biases)["logits"])[:, :, -1])  # [K, B]
             visual = measured["visual"]["attn.pattern"]
             for i, r in enumerate(chunk[:real]):
                 writer.write({
@@ -90,15 +72,6 @@ def run(config: dict) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "neglect_zone.png")
     return summary
-
-
-def _questions(config, model, out: Path):
-    data = Path(config["data"]) if config.get("data") else out / "data"
-    if not (data / "dataset.json").is_file():
-        from vlmjax.data.shapes import generate_dataset
-
-        generate_dataset(str(data), config["n_images"], config["seed"], image_size=model.config.vision.image_size)
-    return load_shapes_pope(data, splits=config["splits"], limit=config["limit_per_split"])
 
 
 def summarise(records: list[dict], biases, zone: list[int], config: dict) -> dict:
@@ -150,18 +123,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(CONFIG))
-    for key in ("model", "data", "out"):
-        parser.add_argument(f"--{key}")
-    parser.add_argument("--limit-per-split", type=int)
-    parser.add_argument("--n-images", type=int)
-    args = parser.parse_args(argv)
-    config = json.loads(Path(args.config).read_text())
-    config.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    summary = run(config)
-    print(json.dumps({k: summary[k] for k in ("questions", "zone", "viar", "neglect_depth_correlation")}, indent=1))
-    return 0
+    return main_with_config(run, CONFIG, argv)
 
 
 if __name__ == "__main__":

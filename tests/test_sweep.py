@@ -52,9 +52,15 @@ def test_one_compile_for_any_values_and_prefix_outside_the_vmap(setup):
     run(model.params, batch, np.linspace(2, 5, 16, dtype=np.float32))
     assert run._cache_size() == 1
     # The vision tower runs once: its patch-embedding matmul is not batched over the 16 values.
-    hlo = run.lower(model.params, batch, np.zeros(16, np.float32)).as_text()
     vision_tokens = model.config.vision.num_patches + 1
-    assert f"tensor<16x2x{vision_tokens}x" not in hlo and f"tensor<2x{vision_tokens}x" in hlo
+    knockout = lambda onehot: {"ko": iv.ZeroVisualStates(onehot)}  # varies from layer 0: only the tower is shared
+    for sweep_fn, values in ((run, np.zeros(16, np.float32)), (make_sweep(model, knockout, first_layer=0),
+                                                              np.eye(LAYERS, dtype=bool))):
+        hlo = sweep_fn.lower(model.params, batch, values).as_text()
+        assert f"tensor<2x{vision_tokens}x" in hlo and f"tensor<{len(values)}x2x{vision_tokens}x" not in hlo
+    swept = make_sweep(model, knockout, first_layer=0)(model.params, batch, np.eye(LAYERS, dtype=bool))["logits"]
+    full = model(**inputs, hooks=knockout(np.eye(LAYERS, dtype=bool)[2]), logits="last").logits
+    np.testing.assert_allclose(np.asarray(swept[2]), np.asarray(full), rtol=0, atol=1e-5)
 
 
 def test_sweep_refuses_values_that_change_earlier_layers(setup):

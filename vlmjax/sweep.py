@@ -1,7 +1,8 @@
 """Sweeps over an intervention's continuous parameters: one compile, shared work done once.
 
 `make_sweep(model, hooks_for, first_layer=l)` returns a jitted `run(params, batch, values)`. The vision tower, the
-projector and decoder layers [0, l) do not depend on the swept values, so they run once; layers [l, L) and the head
+projector and decoder layers [0, l) do not depend on the swept values, so they run once (the vision tower too when
+l = 0); layers [l, L) and the head
 run under `jax.vmap` over the values' leading axis. K values thus cost the shared part once plus K times the rest,
 and any K (of the same shape) reuses the one compiled function.
 """
@@ -49,15 +50,14 @@ def make_sweep(model, hooks_for: Callable[[jax.Array], Mapping[str, Hook]], *, f
 
     @jax.jit
     def run(params, batch, values):
-        prefix = model.forward(params, batch, shared, stop_layer=first_layer, logits=None) if first_layer else None
-        resid = None if prefix is None else prefix["resid"]
+        prefix = model.forward(params, batch, shared, stop_layer=first_layer, logits=None)
 
         def one(value):
             hooks = ordered({**shared, **hooks_for(value)})
-            return model.forward(params, batch, hooks, start_layer=first_layer, resid=resid, logits=logits)
+            return model.forward(params, batch, hooks, start_layer=first_layer, resid=prefix["resid"], logits=logits)
 
         out = jax.vmap(one)(values) if chunk is None else jax.lax.map(one, values, batch_size=chunk)
-        out["shared_hooks"] = {} if prefix is None else prefix["hooks"]
+        out["shared_hooks"] = prefix["hooks"]
         return out
 
     return run

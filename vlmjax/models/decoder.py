@@ -96,7 +96,7 @@ def output_hooks(hooks, output_hidden_states: bool, output_attentions: bool) -> 
 
 def forward_from_embeddings(
     params, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg: DecoderConfig, logits: str | None = "all",
-    query_offset=0, start_layer=0, stop_layer=None,
+    query_offset=0, start_layer=0, stop_layer=None, embed_site=True,
 ) -> dict:
     """Run the decoder on merged input embeddings and return the named intermediates.
 
@@ -105,9 +105,10 @@ def forward_from_embeddings(
     projection at all, for runs that only want hidden states or metrics). `query_offset` is the absolute index of
     the first query (decoding with a KV cache: keys are the cache's positions, `key_padding` and `visual_mask`
     cover them). With `start_layer` > 0, `x` is the residual entering that layer; with `stop_layer` < L, the run
-    ends there and returns that layer's input residual under "resid" (no final norm, no logits)."""
+    ends there and returns that layer's input residual under "resid" (no final norm, no logits). `embed_site`
+    False: `x` is a residual resumed from an earlier run, whose "embed" site has already run."""
     stop_layer = cfg.num_layers if stop_layer is None else stop_layer
-    if start_layer == 0:
+    if embed_site:
         x = run_global("embed", x)
     mask_add = attention_mask(cfg, key_padding, x.shape[1], x.dtype, query_offset)
     ctx = Context(stack="blocks", visual_mask=visual_mask, key_padding=key_padding)

@@ -139,7 +139,7 @@ def language_forward(params, batch, cfg, hooks, add_images, *, rotary=rotary_1d,
     cos, sin = rotary(cfg, batch, x.dtype)
     out.update(decoder.forward_from_embeddings(
         text, x, cos, sin, key_padding, visual_mask, hooks, run_global, cfg.text, logits,
-        start_layer=start_layer, stop_layer=stop_layer))
+        start_layer=start_layer, stop_layer=stop_layer, embed_site=resid is None))
     return out
 
 
