@@ -32,3 +32,18 @@ def test_neglect_zone_study_runs_and_resumes(tiny_model, tmp_path):
     again = neglect_zone.run(config)  # everything done: nothing recomputed, the same summary
     assert (tmp_path / "records.jsonl").read_text().splitlines() == records
     assert again == summary
+
+
+def test_fusion_layers_study_runs_and_resumes(tiny_model, tmp_path):
+    import fusion_layers
+
+    config = json.loads(fusion_layers.CONFIG.read_text())
+    config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=3, batch_size=4)
+    summary = fusion_layers.run(config)
+    assert summary["questions"] == 9 and len(summary["accuracy_masked_at_layer"]) == 4
+    assert len(summary["fusion_layers"]) == 1 and summary["fusion_layers"][0] < 2 and summary["review_layer"] >= 2
+    assert sum(summary["pre_integrated_layer_counts"]) == 9
+    assert all(c == 0 for i, c in enumerate(summary["pre_integrated_layer_counts"]) if i not in summary["fusion_layers"])
+    for name in ("records_masking.jsonl", "records_refined.jsonl"):
+        assert len((tmp_path / name).read_text().splitlines()) == 9
+    assert fusion_layers.run(config) == summary
