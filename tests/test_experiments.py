@@ -47,3 +47,18 @@ def test_fusion_layers_study_runs_and_resumes(tiny_model, tmp_path):
     for name in ("records_masking.jsonl", "records_refined.jsonl"):
         assert len((tmp_path / name).read_text().splitlines()) == 9
     assert fusion_layers.run(config) == summary
+
+
+def test_visual_heads_study_runs_and_resumes(tiny_model, tmp_path):
+    import visual_heads
+
+    config = json.loads(visual_heads.CONFIG.read_text())
+    config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=3, batch_size=4,
+                  top_k=[1, 2])
+    summary = visual_heads.run(config)
+    scores = summary["scores"]
+    assert len(scores) == 4 and len(scores[0]) == 4 and all(s >= 0 for row in scores for s in row)
+    runs = summary["masking"]
+    assert runs[0]["heads"] == "none" and {r["heads"] for r in runs[1:]} == {"top", "random"}
+    assert {r["stage"] for r in runs[1:]} == {"early", "mid", "late"}  # 4 layers: [0, 1), [1, 2), [2, 4)
+    assert visual_heads.run(config) == summary
