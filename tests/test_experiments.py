@@ -62,3 +62,16 @@ def test_visual_heads_study_runs_and_resumes(tiny_model, tmp_path):
     assert runs[0]["heads"] == "none" and {r["heads"] for r in runs[1:]} == {"top", "random"}
     assert {r["stage"] for r in runs[1:]} == {"early", "mid", "late"}  # 4 layers: [0, 1), [1, 2), [2, 4)
     assert visual_heads.run(config) == summary
+
+
+def test_update_geometry_study_runs_and_resumes(tiny_model, tmp_path):
+    import update_geometry
+
+    config = json.loads(update_geometry.CONFIG.read_text())
+    config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=2, batch_size=3)
+    summary = update_geometry.run(config)
+    plain, noised = summary["conditions"]["plain"], summary["conditions"]["noise_delta"]
+    assert set(summary["conditions"]) == set(update_geometry.CONDITIONS)
+    assert 0 < plain["attention_rid"] and 0 < plain["mlp_rid"] and len(plain["attention_rid_per_layer"]) == 4
+    assert noised["attention_rid"] != plain["attention_rid"]  # the noise reaches the measured updates
+    assert update_geometry.run(config) == summary
