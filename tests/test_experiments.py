@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlmjax.tiny import make_tiny_llava
@@ -75,3 +76,18 @@ def test_update_geometry_study_runs_and_resumes(tiny_model, tmp_path):
     assert 0 < plain["attention_rid"] and 0 < plain["mlp_rid"] and len(plain["attention_rid_per_layer"]) == 4
     assert noised["attention_rid"] != plain["attention_rid"]  # the noise reaches the measured updates
     assert update_geometry.run(config) == summary
+
+
+def test_reliability_probes_study_runs_and_resumes(tiny_model, tmp_path):
+    import reliability_probes as rp
+
+    assert rp.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    train, test = rp.stratified_split(np.array([True] * 10 + [False] * 5), seed=0)
+    assert test.sum() == 3 and not (train & test).any()
+    config = json.loads(rp.CONFIG.read_text())
+    config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=4, batch_size=4,
+                  ablate_neurons=3)
+    summary = rp.run(config)
+    assert summary["questions"] == 12 and len(summary["probe_auroc"]) == 4 and summary["map_layer"] == 2
+    assert len(summary["ablated_dims"]) == 3 and 0 <= summary["accuracy_top_patches_removed"] <= 1
+    assert rp.run(config) == summary
