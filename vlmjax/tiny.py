@@ -43,11 +43,23 @@ def build_tokenizer(out_dir: str | Path | None = None, extra_words=()):
     return fast
 
 
+def random_model(model_class, cfg, seed: int):
+    """An HF model of `cfg` with seeded random weights, every parameter perturbed: HF's default init is near zero
+    or one for norms and biases, so without it a parity test could miss a wrong norm or bias."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
 def make_tiny_llava(out_dir: str | Path, variant: str = "gqa", seed: int = 0, vocab_size: int = 128,
                     image_size: int = 56, patch_size: int = 14, text_layers: int = 3, vision_layers: int = 3,
                     overrides: dict | None = None):
     """Build, save and return (model, processor) of a tiny random LLaVA with a working processor."""
-    import torch
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaProcessor, MistralConfig, LlamaConfig
 
@@ -67,11 +79,7 @@ def make_tiny_llava(out_dir: str | Path, variant: str = "gqa", seed: int = 0, vo
     top = {k: v for k, v in spec.items() if k not in ("text", "vision")}
     cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
                       **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top})
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # HF's default init is near zero for norms/biases; perturb so every parameter matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = random_model(LlavaForConditionalGeneration, cfg, seed)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
+from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer, random_model
 
 # The two text decoders LLaVA-NeXT ships with: Vicuna (Llama) and Mistral (sliding window shorter than the prompts).
 VARIANTS = {
@@ -24,7 +24,6 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 def make_tiny_llava_next(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, vocab_size: int = 128,
                          text_layers: int = 3, vision_layers: int = 3):
     """Build, save and return (model, processor) of a tiny random LLaVA-NeXT with a working processor."""
-    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
 
@@ -41,11 +40,7 @@ def make_tiny_llava_next(out_dir: str | Path, variant: str = "vicuna", seed: int
                           image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                           image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # HF's default init is near zero for norms/biases; perturb so every parameter matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = random_model(LlavaNextForConditionalGeneration, cfg, seed)
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
                                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                                  image_grid_pinpoints=PINPOINTS)

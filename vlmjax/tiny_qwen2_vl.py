@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmjax.tiny import IMAGE_TOKEN as LLAVA_IMAGE_TOKEN
-from vlmjax.tiny import build_tokenizer
+from vlmjax.tiny import build_tokenizer, random_model
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 IMAGE_PROMPT = VISION_START + IMAGE_PAD + VISION_END  # what a chat template writes for one image
@@ -64,7 +64,6 @@ def load_processor(path: str | Path):
 def make_tiny_qwen2_vl(out_dir: str | Path, variant: str = "gqa", seed: int = 0, text_layers: int = 3,
                        vision_layers: int = 2, overrides: dict | None = None):
     """Build, save and return (model, processor) of a tiny random Qwen2-VL with a working processor."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     spec = {**VARIANTS[variant], **(overrides or {})}
@@ -83,11 +82,7 @@ def make_tiny_qwen2_vl(out_dir: str | Path, variant: str = "gqa", seed: int = 0,
     vision.update(spec.get("vision", {}))
     top = {k: v for k, v in spec.items() if k not in ("text", "vision")}
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids, **top)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # HF's default init is near zero for norms/biases; perturb so every parameter matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = random_model(Qwen2VLForConditionalGeneration, cfg, seed)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     processor.tokenizer.save_pretrained(str(out_dir))
