@@ -13,10 +13,10 @@ from vlmjax.eval.run import DEFAULT_PROMPT, answer_token_ids, load_shapes_pope, 
 def setup(config: dict):
     """(model, processor, POPE-style records, output dir) for a study config (model, data or n_images + seed,
     splits, limit_per_split, out)."""
-    from transformers import AutoProcessor
+    from vlmjax.inputs import load_processor
 
     model = vlmjax.load(config["model"], progress=False)
-    processor = AutoProcessor.from_pretrained(str(model.path))
+    processor = load_processor(model.path)
     processor.tokenizer.padding_side = "left"
     out = Path(config["out"])
     data = Path(config["data"]) if config.get("data") else out / "data"

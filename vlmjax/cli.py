@@ -12,17 +12,19 @@ import numpy as np
 from vlmjax.errors import VlmJaxError
 
 TOLERANCE = 1e-4
+EXAMPLE_SIZES = ((80, 60), (48, 96), (64, 64))  # (height, width) of the example images
 
 
 def _example_inputs(path: Path, num_images: int = 2, seed: int = 0):
     """Processor outputs for a padded batch of `num_images` prompts, each with one random image."""
     from PIL import Image
-    from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(path))
+    from vlmjax.inputs import load_processor
+
+    processor = load_processor(path)
     rng = np.random.default_rng(seed)
-    sizes = [(80, 60), (48, 96), (64, 64)]
-    images = [Image.fromarray((rng.random((*sizes[i % 3], 3)) * 255).astype("uint8")) for i in range(num_images)]
+    images = [Image.fromarray((rng.random((*EXAMPLE_SIZES[i % 3], 3)) * 255).astype("uint8"))
+              for i in range(num_images)]
     token = getattr(processor, "image_token", "<image>")
     texts = [f"USER: {token} what is in the image ? ASSISTANT:",
              f"USER: {token} how many red circle are there in the box ? yes or no ? ASSISTANT: the"][:num_images]
@@ -93,21 +95,22 @@ def cmd_info(args) -> int:
         processor, inputs = _example_inputs(Path(args.path), num_images=1)
         model_module = models.family(cfg.model_type)
         _, meta = model_module.prepare_batch(cfg, inputs, "float32")
-        print(f"visual tokens for one {inputs['pixel_values'].shape[-2:]} image with this processor: "
+        height, width = EXAMPLE_SIZES[0]
+        print(f"visual tokens for one {height}x{width} (height x width) image with this processor: "
               f"{int(meta.mask.sum())}")
     return 0
 
 
 def cmd_eval(args) -> int:
     import vlmjax
-    from transformers import AutoProcessor
-
     from vlmjax.data.loaders import load_pope
     from vlmjax.eval.pope import format_table, score_pope
     from vlmjax.eval.run import evaluate_pope, load_shapes_pope
 
     model = vlmjax.load(args.model, progress=False)
-    processor = AutoProcessor.from_pretrained(str(model.path))
+    from vlmjax.inputs import load_processor
+
+    processor = load_processor(model.path)
     out = Path(args.out)
     if args.pope:
         if not args.images:

@@ -1,0 +1,18 @@
+"""`vlmjax verify` and `vlmjax info` on the LLaVA-NeXT and Qwen2-VL families (the processor comes from the
+checkpoint directory, as on a user's real checkpoint)."""
+
+import pytest
+
+from vlmjax import cli
+from vlmjax.tiny_llava_next import make_tiny_llava_next
+from vlmjax.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+
+@pytest.mark.parametrize("make", [make_tiny_llava_next, make_tiny_qwen2_vl])
+def test_verify_and_info(make, tmp_path, capsys):
+    make(tmp_path)
+    assert cli.main(["verify", str(tmp_path)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert cli.main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "visual tokens for one 80x60 (height x width) image" in out and "parameters:" in out
