@@ -61,7 +61,6 @@ class Context:
     visual_mask: Any = None  # [B, N] bool: visual-token positions of each sample (decoder stack and globals)
     key_padding: Any = None  # [B, N] bool: real (non-padding) tokens
     layer: Any = None  # scalar int32, the layer index (None at global sites)
-    layer_input: Any = None  # the normed input of the current block's attention [B, N, D]
     earlier: Any = None  # {site: value} of the sites already run in this block (after their hooks), e.g. resid_pre
 
 

@@ -398,7 +398,7 @@ class NoiseAttentionOutput(Intervention):
 
 class NoiseQKV(Intervention):
     """Noise-QKV (SPEC §3): at active layers the query, key and value projections use Gaussian weights with each
-    original matrix's std [inferred] (biases kept), applied to the block's normed input (ctx.layer_input), on all
+    original matrix's std [inferred] (biases kept), applied to the block's normed input (`ctx.earlier["attn.input"]`), on all
     positions or visual ones only. The weights are drawn inside the forward, at active layers only (`lax.cond`),
     from `fold_in(fold_in(key, l), m)`, m = 0, 1, 2 for q, k, v (see `kernel`), so nothing of the model's size is
     stored. Sites: attn.q, attn.k, attn.v."""
@@ -433,7 +433,7 @@ class NoiseQKV(Intervention):
         which = QKV_SITES.index(site)
 
         def substitute(value):
-            h = ctx.layer_input
+            h = ctx.earlier["attn.input"]
             shape = (h.shape[-1], value.shape[2] * value.shape[3])
             kernel = self.kernel(ctx.layer, which, shape, self.std[which]).astype(value.dtype)
             bias = (self.q_bias, self.k_bias, self.v_bias)[which].astype(value.dtype)

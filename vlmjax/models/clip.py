@@ -51,7 +51,6 @@ def block(cfg: CLIPVisionConfig, p: dict, x: jax.Array, run: SiteRunner) -> jax.
     heads, hd = cfg.num_heads, d // cfg.num_heads
     x = run("resid_pre", x)
     h = run("attn.input", layer_norm(p["norm1"], x, cfg.layer_norm_eps))
-    run.ctx = run.ctx.replace(layer_input=h)
     q = run("attn.q", linear(p["q"], h).reshape(b, n, heads, hd))
     k = run("attn.k", linear(p["k"], h).reshape(b, n, heads, hd))
     v = run("attn.v", linear(p["v"], h).reshape(b, n, heads, hd))

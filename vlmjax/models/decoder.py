@@ -51,7 +51,6 @@ def block(cfg: DecoderConfig, p: dict, x: jax.Array, run: SiteRunner, cos, sin, 
     hd = cfg.head_dim
     x = run("resid_pre", x)
     h = run("attn.input", rms_norm(p["input_norm"], x, cfg.rms_norm_eps))
-    run.ctx = run.ctx.replace(layer_input=h)
     q = run("attn.q", linear(p["q"], h).reshape(b, n, cfg.num_heads, hd))
     k = run("attn.k", linear(p["k"], h).reshape(b, n, cfg.num_kv_heads, hd))
     v = run("attn.v", linear(p["v"], h).reshape(b, n, cfg.num_kv_heads, hd))

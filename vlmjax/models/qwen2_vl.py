@@ -312,7 +312,6 @@ def vision_block(cfg: Qwen2VLVisionConfig, p: dict, x: jax.Array, run: SiteRunne
     heads, hd = cfg.num_heads, d // cfg.num_heads
     x = run("resid_pre", x)
     h = run("attn.input", layer_norm(p["norm1"], x, VISION_LAYER_NORM_EPS))
-    run.ctx = run.ctx.replace(layer_input=h)
     qkv = linear(p["qkv"], h).reshape(b, n, 3, heads, hd)
     q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
     q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)  # rotary in fp32, as HF's vision rotary
