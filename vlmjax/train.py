@@ -1,0 +1,420 @@
+"""Train a small LLaVA on the shapes world, in JAX, and save it as an HF checkpoint directory.
+
+``python -m vlmjax.train --out DIR --seed 0`` generates a shapes-world dataset in memory, builds a word-level
+tokenizer and an HF ``LlavaProcessor``, initialises a small HF ``LlavaForConditionalGeneration`` with torch (CLIP
+vision tower, MLP projector, Llama decoder), loads it with ``vlmjax.load`` and trains it with optax (AdamW, linear
+warmup then cosine decay) on POPE-style yes/no questions (and, with ``--tasks``, attribute questions). The loss is the
+cross-entropy of the answer tokens only (the answer word and ``</s>``), for prompts of the form
+``USER: <image> Is there a red circle in the image? ASSISTANT: yes</s>``. The trained parameters are written with
+``converters.hf.save_hf``, so ``vlmjax.load(DIR)`` and HF ``from_pretrained(DIR)`` both read the result.
+
+Everything is deterministic given the seed: the images and questions, the HF initialisation and the batch order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vlmjax.data import shapes
+from vlmjax.eval.pope import pope_metrics, yes_probability
+from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
+
+PROMPT = "USER: " + IMAGE_TOKEN + " {question} ASSISTANT:"
+TASKS = ("pope", "attribute", "describe")
+DESCRIBE_QUESTION = "Describe the image."
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Data, model and optimisation settings of one training run (the defaults train the built-in model)."""
+
+    seed: int = 0
+    n_images: int = 5000
+    test_fraction: float = 0.1
+    image_size: int = 64
+    patch_size: int = 8
+    tasks: tuple[str, ...] = ("pope", "describe")
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    text_hidden: int = 128
+    text_layers: int = 3
+    heads: int = 4
+    steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    grounding_weight: float = 1.0
+    alignment_steps: int = 1000
+
+
+def shapes_vocabulary(image_size: int) -> list[str]:
+    """Every word the shapes-world questions and answers use (numbers up to the image side, for boxes and counts)."""
+    words = ["Is", "What", "How", "Describe", "there", "a", "an", "in", "the", "image", "many", "are", "box", "color", "shape",
+             "object", "is", "yes", "no", "?", "[", "]", ","]
+    words += [*shapes.SHAPES, *shapes.SHAPE_PLURALS.values(), *shapes.COLOURS]
+    words += [str(n) for n in range(image_size + 1)]
+    return words
+
+
+def build_processor(image_size: int, patch_size: int, out_dir: str | Path | None = None):
+    """Word-level tokenizer covering the shapes vocabulary plus an HF LlavaProcessor (CLIP preprocessing)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = build_tokenizer(extra_words=shapes_vocabulary(image_size))
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                               num_additional_image_tokens=1)
+    if out_dir is not None:
+        processor.save_pretrained(str(out_dir))
+    return processor
+
+
+def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
+    """Save a randomly initialised HF LLaVA of the configured size (torch init, seeded) with the processor files."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    text_config = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+                              num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+                              num_key_value_heads=cfg.heads, vocab_size=len(tokenizer), max_position_embeddings=512,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    vision_config = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                                     num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                                     image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                     projection_dim=cfg.vision_hidden)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=True)
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+def shapes_questions(n_images: int, seed: int, image_size: int, test_fraction: float, tasks: Sequence[str]):
+    """(images by file name, {"train": questions, "test": questions}) of an in-memory shapes-world dataset, keeping
+    the question families in ``tasks``. POPE questions are pooled over the three negative splits as generated (the
+    splits share their "yes" questions, so yes and no stay balanced)."""
+    images, scenes = {}, []
+    for image, scene in shapes.generate_scenes(n_images, seed, image_size, test_fraction=test_fraction):
+        images[scene.image] = image
+        scenes.append(scene)
+    questions = {subset: [] for subset in shapes.SUBSETS}
+    for stem, samples in shapes.build_questions(scenes, seed).items():
+        task, subset = stem.split("_")[:2]
+        if task in tasks:
+            questions[subset].extend(samples)
+    if "describe" in tasks:
+        for scene in scenes:
+            questions[scene.subset].append(describe_sample(scene))
+    return images, questions
+
+
+def describe_sample(scene: shapes.Scene) -> shapes.Sample:
+    """"Describe the image." answered by the image's distinct categories in canonical order ("red circle , blue
+    square"): dense supervision that ties each colour and shape word to the objects' pixels."""
+    present = sorted({obj.category for obj in scene.objects}, key=shapes.CATEGORIES.index)
+    return shapes.Sample(question_id=-1, image=scene.image, question=DESCRIBE_QUESTION,
+                         answer=" , ".join(f"{colour} {shape}" for colour, shape in present),
+                         question_type="describe", subset=scene.subset, split=None, objects=scene.objects)
+
+
+def patch_labels(image: Image.Image, objects: Sequence[shapes.ShapeObject], patch_size: int, tokenizer,
+                 min_fraction: float = 0.125) -> np.ndarray:
+    """[patches, 2] token ids of the colour and shape words of the object showing in most pixels of each patch
+    (row-major, as the vision tower orders them), or -1 where objects show in under ``min_fraction`` of it.
+
+    Pixels are assigned exactly: an object's colour appears only on objects of that colour, and objects of one
+    colour never touch, so a pixel of colour c inside the box of the c-coloured object belongs to that object."""
+    pixels = np.asarray(image.convert("RGB"))
+    owner = np.full(pixels.shape[:2], -1)
+    for index, obj in enumerate(objects):
+        x0, y0, x1, y1 = obj.bbox
+        match = np.all(pixels[y0:y1, x0:x1] == shapes.COLOURS[obj.colour], axis=-1)
+        owner[y0:y1, x0:x1][match] = index
+    rows, cols = pixels.shape[0] // patch_size, pixels.shape[1] // patch_size
+    blocks = owner[:rows * patch_size, :cols * patch_size].reshape(rows, patch_size, cols, patch_size)
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(rows * cols, patch_size * patch_size)
+    labels = np.full((rows * cols, 2), -1, np.int32)
+    for patch, block in enumerate(blocks):
+        counts = np.bincount(block[block >= 0], minlength=len(objects))
+        if counts.size and counts.max() >= min_fraction * block.size:
+            obj = objects[int(counts.argmax())]
+            labels[patch] = tokenizer.convert_tokens_to_ids([obj.colour, obj.shape])
+    return labels
+
+
+def conversations(questions: Sequence[shapes.Sample], seed: int) -> list[list[shapes.Sample]]:
+    """One conversation per (image, question family, POPE split), its turns in a seeded random order: the image
+    is encoded once for several questions, and the first turn has exactly the evaluation prompt's form."""
+    groups: dict[tuple, list[shapes.Sample]] = {}
+    for q in questions:
+        groups.setdefault((q.image, q.question_type, q.split), []).append(q)
+    rng = np.random.default_rng([seed, len(questions)])
+    return [[group[i] for i in rng.permutation(len(group))] for group in groups.values()]
+
+
+def conversation_text(turns: Sequence[shapes.Sample], eos: str) -> str:
+    """``USER: <image> Q1 ASSISTANT: A1</s> USER: Q2 ASSISTANT: A2</s> ...``"""
+    first, *rest = turns
+    return (PROMPT.format(question=first.question) + f" {first.answer}{eos}"
+            + "".join(f" USER: {q.question} ASSISTANT: {q.answer}{eos}" for q in rest))
+
+
+def reply_mask(input_ids: np.ndarray, tokenizer) -> np.ndarray:
+    """True on the assistant's reply tokens: from just after each ``ASSISTANT :`` through the next ``</s>``."""
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    starts = np.zeros(input_ids.shape, bool)
+    starts[:, 2:] = (input_ids[:, :-2] == assistant) & (input_ids[:, 1:-1] == colon)
+    is_eos = input_ids == tokenizer.eos_token_id
+    return np.cumsum(starts, axis=1) > np.cumsum(is_eos, axis=1) - is_eos
+
+
+def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequence[shapes.Sample]]) -> dict:
+    """Training arrays from processor outputs: per image, ``pixel_values`` and ``patch_labels``; per conversation,
+    left-padded ``input_ids`` / ``attention_mask``, ``loss_mask`` (the reply tokens) and ``image_index`` (its
+    image's row)."""
+    tokenizer = processor.tokenizer
+    names = sorted({turns[0].image for turns in dialogues})
+    row = {name: i for i, name in enumerate(names)}
+    pixel_values = processor.image_processor([images[n] for n in names], return_tensors="np")["pixel_values"]
+    by_image: dict[str, list[Sequence[shapes.Sample]]] = {}
+    for turns in dialogues:
+        by_image.setdefault(turns[0].image, []).append(turns)
+    labels = np.stack([patch_labels(images[n], by_image[n][0][0].objects, processor.patch_size, tokenizer)
+                       for n in names])
+    sequences, image_index = [], []
+    for name, group in by_image.items():
+        texts = [conversation_text(turns, tokenizer.eos_token) for turns in group]
+        out = processor(images=[images[name]] * len(group), text=texts, return_tensors="np", padding="longest")
+        sequences += [ids[mask.astype(bool)] for ids, mask in zip(out["input_ids"], out["attention_mask"])]
+        image_index += [row[name]] * len(group)
+    length = max(len(s) for s in sequences)
+    input_ids = np.full((len(sequences), length), tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((len(sequences), length), bool)
+    for i, sequence in enumerate(sequences):
+        input_ids[i, length - len(sequence):] = sequence
+        attention_mask[i, length - len(sequence):] = True
+    return {"pixel_values": pixel_values.astype(np.float32), "patch_labels": labels, "input_ids": input_ids,
+            "attention_mask": attention_mask, "loss_mask": reply_mask(input_ids, tokenizer),
+            "image_index": np.asarray(image_index)}
+
+
+# -------------------------------------------------------------------------------------------------------- training
+
+
+def grounding_loss(params, image_features: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over labelled visual tokens of the cross-entropy between softmax(feature . word embeddings) and half
+    the mass on the token's colour word, half on its shape word: it aligns each visual token with the embeddings
+    of the object it shows (LLaVA's projector alignment, with the vision tower trained too)."""
+    log_probs = jax.nn.log_softmax(image_features.astype(jnp.float32) @ params["text"]["embed"].T)
+    labelled = labels[..., 0] >= 0
+    nll = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0), axis=-1).mean(-1)
+    return jnp.sum(nll * labelled) / jnp.maximum(jnp.sum(labelled), 1)
+
+
+def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
+    """Answer loss (mean cross-entropy of the reply tokens given everything before them) plus
+    ``grounding_weight`` x ``grounding_loss``; returns (total, {"answer": ..., "grounding": ...})."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    out = model.forward(params, inputs, logits="all")
+    log_probs = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32))
+    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    answer = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+    grounding = grounding_loss(params, out["image_features"], batch["patch_labels"])
+    return answer + grounding_weight * grounding, {"answer": answer, "grounding": grounding}
+
+
+def alignment_loss(model, params, batch) -> tuple[jax.Array, dict]:
+    """``grounding_loss`` alone, on prompts of visual tokens only (the decoder's outputs are unused, so jit drops
+    the decoder): the first stage, which trains the vision tower and projector."""
+    out = model.forward(params, batch, logits=None)
+    grounding = grounding_loss(params, out["image_features"], batch["patch_labels"])
+    return grounding, {"grounding": grounding}
+
+
+def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay to zero, gradient clipping, and weight decay on matrices only."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate,
+                                                  max(1, int(cfg.warmup_fraction * steps)), steps)
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embed"), params)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def _epochs(n: int, batch_size: int, steps: int, seed: int):
+    """``steps`` index batches drawn epoch by epoch from seeded permutations of ``range(n)``."""
+    rng = np.random.default_rng(seed)
+    order = np.empty(0, int)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(n)])
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield chosen
+
+
+def conversation_batches(data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
+    """Batches of conversations with their images and patch labels."""
+    for chosen in _epochs(len(data["input_ids"]), batch_size, steps, seed):
+        rows = data["image_index"][chosen]
+        yield {"input_ids": data["input_ids"][chosen], "attention_mask": data["attention_mask"][chosen],
+               "loss_mask": data["loss_mask"][chosen], "pixel_values": data["pixel_values"][rows],
+               "patch_labels": data["patch_labels"][rows]}
+
+
+def image_batches(data: dict[str, np.ndarray], image_token_id: int, batch_size: int, steps: int, seed: int):
+    """Batches of images with patch labels, each prompt being its visual tokens alone."""
+    n_images, n_patches = data["patch_labels"].shape[:2]
+    input_ids = np.full((batch_size, n_patches), image_token_id, np.int32)
+    for chosen in _epochs(n_images, batch_size, steps, seed):
+        yield {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids, bool),
+               "pixel_values": data["pixel_values"][chosen], "patch_labels": data["patch_labels"][chosen]}
+
+
+def fit(params, loss_fn, batch_stream, steps: int, cfg: TrainConfig, desc: str, progress: bool = True):
+    """Optimise ``loss_fn(params, batch) -> (loss, parts)`` over ``steps`` batches with a jitted AdamW step;
+    returns (params, {part: per-step values})."""
+    optimizer = make_optimizer(cfg, steps)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, parts
+
+    opt_state, history = optimizer.init(params), {}
+    bar = tqdm(batch_stream, total=steps, desc=desc, disable=not progress)
+    for batch in bar:
+        params, opt_state, parts = step(params, opt_state, batch)
+        for name, value in parts.items():
+            history.setdefault(name, []).append(float(value))
+        if len(next(iter(history.values()))) % 10 == 0:
+            bar.set_postfix({name: f"{np.mean(values[-10:]):.3f}" for name, values in history.items()})
+    return params, history
+
+
+def train(model, data: dict[str, np.ndarray], cfg: TrainConfig, progress: bool = True):
+    """Two stages from ``model.params``: ``cfg.alignment_steps`` of ``alignment_loss`` on images, then
+    ``cfg.steps`` of ``training_loss`` on conversations. Returns (params, {"alignment": history, "training":
+    history}), each history holding per-step values of the loss parts."""
+    image_token_id = model.config.image_token_id
+    params, aligned = fit(model.params, lambda p, b: alignment_loss(model, p, b),
+                          image_batches(data, image_token_id, cfg.batch_size, cfg.alignment_steps, cfg.seed),
+                          cfg.alignment_steps, cfg, "aligning", progress)
+    params, trained = fit(params, lambda p, b: training_loss(model, p, b, cfg.grounding_weight),
+                          conversation_batches(data, cfg.batch_size, cfg.steps, cfg.seed), cfg.steps, cfg,
+                          "training", progress)
+    return params, {"alignment": aligned, "training": trained}
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    return [tokenizer.convert_tokens_to_ids("yes")], [tokenizer.convert_tokens_to_ids("no")]
+
+
+def evaluate_yes_no(model, processor, images: dict[str, Image.Image], questions: Sequence[shapes.Sample],
+                    black_images: bool = False, batch_size: int = 64) -> dict:
+    """First-token POPE scoring: p_yes from the yes/no logits after ``ASSISTANT:``; ``pope_metrics`` of the
+    decisions (p_yes >= 0.5) plus ``p_yes``. With ``black_images`` every image is replaced by a black one."""
+    processor.tokenizer.padding_side = "left"
+    yes_ids, no_ids = yes_no_token_ids(processor.tokenizer)
+    p_yes = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        pictures = [Image.new("RGB", images[q.image].size) if black_images else images[q.image] for q in chunk]
+        inputs = processor(images=pictures, text=[PROMPT.format(question=q.question) for q in chunk],
+                           return_tensors="np", padding="longest")
+        logits = model(**inputs, logits="last").logits[:, -1]
+        p_yes.extend(yes_probability(np.asarray(logits), yes_ids, no_ids).tolist())
+    metrics = pope_metrics(["yes" if p >= 0.5 else "no" for p in p_yes], [q.answer for q in questions])
+    return {**metrics, "p_yes": p_yes}
+
+
+def parameter_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Generate data, initialise, train, save to ``out_dir`` and evaluate on the held-out test subset."""
+    import vlmjax
+    from converters.hf import save_hf
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    images, questions = shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, cfg.tasks)
+    train_questions = questions["train"]
+    test_questions = [q for q in questions["test"] if q.question_type == "pope"]
+    with tempfile.TemporaryDirectory() as init_dir:
+        processor = build_processor(cfg.image_size, cfg.patch_size)
+        init_hf_model(cfg, processor, init_dir)
+        model = vlmjax.load(init_dir, progress=False)
+        data = encode(processor, images, conversations(train_questions, cfg.seed))
+        params, history = train(model, data, cfg, progress)
+        train_seconds = time.perf_counter() - started
+        save_hf(params, model.config, model.hf_config, out_dir, source_dir=init_dir)
+    trained = vlmjax.load(out_dir, progress=False)
+    real = evaluate_yes_no(trained, processor, images, test_questions)
+    black = evaluate_yes_no(trained, processor, images, test_questions, black_images=True)
+    report = {"config": dataclasses.asdict(cfg), "parameters": parameter_count(params),
+              "train_questions": len(train_questions), "train_images": len(data["pixel_values"]),
+              "test_questions": len(test_questions), "train_seconds": round(train_seconds, 1),
+              "alignment_loss_last_50": float(np.mean(history["alignment"]["grounding"][-50:])),
+              "answer_loss_first_50": float(np.mean(history["training"]["answer"][:50])),
+              "answer_loss_last_50": float(np.mean(history["training"]["answer"][-50:])),
+              "grounding_loss_last_50": float(np.mean(history["training"]["grounding"][-50:])),
+              "test_accuracy": real["accuracy"], "test_yes_ratio": real["yes_ratio"],
+              "black_image_accuracy": black["accuracy"], "black_image_yes_ratio": black["yes_ratio"]}
+    (out_dir / "training_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Train a small LLaVA on the shapes world (JAX, CPU) and save it "
+                                                 "as an HF checkpoint directory.")
+    parser.add_argument("--out", required=True, help="output directory (HF format)")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "tasks":
+            parser.add_argument(flag, default=",".join(field.default), help=f"comma-separated subset of {TASKS}")
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    args["tasks"] = tuple(t for t in args["tasks"].split(",") if t)
+    unknown = set(args["tasks"]) - set(TASKS)
+    if unknown:
+        parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+    report = run(TrainConfig(**args), out)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
