@@ -7,6 +7,7 @@ from pathlib import Path
 
 import vlmjax
 from vlmjax.eval.pope import yes_probability
+from vlmjax.inputs import image_placeholder
 from vlmjax.eval.run import DEFAULT_PROMPT, answer_token_ids, load_shapes_pope, prompt_length
 
 
@@ -31,7 +32,8 @@ def setup(config: dict):
 def batches(processor, records, pending: set, size: int):
     """(records of the batch, how many are real, processor outputs) for the pending records, every batch padded
     to `size` rows and every prompt to one length, so each study compiles once."""
-    texts = {r.question_id: DEFAULT_PROMPT.format(question=r.text) for r in records}
+    texts = {r.question_id: DEFAULT_PROMPT.format(question=r.text).replace("<image>", image_placeholder(processor))
+             for r in records}
     length = prompt_length(processor, records[0], texts)
     todo = [r for r in records if r.question_id in pending]
     for start in range(0, len(todo), size):

@@ -40,6 +40,16 @@ def text_batch(inputs: dict, vocab_size: int, image_token_ids: tuple[int, ...], 
     return batch
 
 
+def image_placeholder(processor) -> str:
+    """What a prompt writes for one image: the processor's image token (LLaVA's ``<image>``), wrapped for Qwen2-VL in
+    ``<|vision_start|>`` ... ``<|vision_end|>`` as its chat template does (its M-RoPE positions find images by the
+    vision-start token)."""
+    token = getattr(processor, "image_token", "<image>")
+    if token == "<|image_pad|>":
+        return "<|vision_start|>" + token + "<|vision_end|>"
+    return token
+
+
 def load_processor(path):
     """The checkpoint's HF processor (`AutoProcessor`). Qwen2-VL's stock processor also builds a video processor that
     needs torchvision; where torchvision is missing, its image-and-text-only processor is used instead."""

@@ -41,16 +41,24 @@ def _image_processor_class():
     return ImageQwen2VLProcessor
 
 
-def build_processor():
-    """The processor of the tiny models: the LLaVA tiny tokenizer plus the Qwen2-VL vision tokens as special tokens,
-    left padding, and the PIL image processor."""
+def build_processor(extra_words=(), image_processor=None):
+    """The processor of the tiny models: the LLaVA tiny tokenizer (plus `extra_words`) with the Qwen2-VL vision
+    tokens as special tokens, left padding, and the PIL image processor (by default with a small pixel budget)."""
     from transformers import Qwen2VLImageProcessorPil
 
     vision_tokens = [VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD]
-    tokenizer = build_tokenizer(extra_words=vision_tokens)
+    tokenizer = build_tokenizer(extra_words=(*extra_words, *vision_tokens))
     tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN, *vision_tokens]})
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    if image_processor is None:
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     return _image_processor_class()(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def save_processor(processor, out_dir: str | Path) -> None:
+    """Write the tokenizer and image-processor files, which `load_processor` (and, with torchvision, the stock
+    `AutoProcessor`) reads back."""
+    processor.tokenizer.save_pretrained(str(out_dir))
+    processor.image_processor.save_pretrained(str(out_dir))
 
 
 def load_processor(path: str | Path):
@@ -85,6 +93,5 @@ def make_tiny_qwen2_vl(out_dir: str | Path, variant: str = "gqa", seed: int = 0,
     model = random_model(Qwen2VLForConditionalGeneration, cfg, seed)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
-    processor.tokenizer.save_pretrained(str(out_dir))
-    processor.image_processor.save_pretrained(str(out_dir))
+    save_processor(processor, out_dir)
     return model, processor

@@ -1,14 +1,22 @@
-"""Train a small LLaVA on the shapes world, in JAX, and save it as an HF checkpoint directory.
+"""Train a small VLM (LLaVA or Qwen2-VL architecture) on the shapes world, in JAX, and save it as an HF directory.
 
-``python -m vlmjax.train --out DIR --seed 0`` generates a shapes-world dataset in memory, builds a word-level
-tokenizer and an HF ``LlavaProcessor``, initialises a small HF ``LlavaForConditionalGeneration`` with torch (CLIP
-vision tower, MLP projector, Llama decoder), loads it with ``vlmjax.load`` and trains it with optax (AdamW, linear
-warmup then cosine decay) on POPE-style yes/no questions (and, with ``--tasks``, attribute questions). The loss is the
-cross-entropy of the answer tokens only (the answer word and ``</s>``), for prompts of the form
-``USER: <image> Is there a red circle in the image? ASSISTANT: yes</s>``. The trained parameters are written with
-``converters.hf.save_hf``, so ``vlmjax.load(DIR)`` and HF ``from_pretrained(DIR)`` both read the result.
+``python -m vlmjax.train --preset llava-shapes --out DIR`` generates a shapes-world dataset in memory
+(``vlmjax.data.shapes``), builds a word-level tokenizer and the family's HF processor, initialises a small HF model
+with torch (``LlavaForConditionalGeneration``: CLIP tower, MLP projector, Llama decoder; or
+``Qwen2VLForConditionalGeneration``: Qwen2-VL tower with 2-D rotary and patch merger, Qwen2 decoder with M-RoPE),
+loads it with ``vlmjax.load`` and trains it with optax (AdamW, warmup then cosine decay) in two stages:
 
-Everything is deterministic given the seed: the images and questions, the HF initialisation and the batch order.
+1. alignment: every visual token's output (after the projector / merger) is pulled, through the tied word
+   embeddings, towards the colour and shape words of the object it shows (``grounding_loss``), training the vision
+   tower and projector the way LLaVA's first stage trains its projector;
+2. instruction tuning: multi-turn conversations per image (POPE yes/no questions, then "Describe the image."), loss
+   on the reply tokens, plus the grounding loss.
+
+Prompts have the evaluation form ``USER: <image> Is there a red circle in the image? ASSISTANT: yes</s>``. The
+trained parameters are written with ``converters.hf.save_hf``, so ``vlmjax.load(DIR)`` and HF ``from_pretrained(DIR)``
+both read the result, and ``training_report.json`` beside them records the config, losses, held-out POPE accuracy and
+the accuracy with black images. Everything is deterministic given the seed: images, questions, initialisation and
+batch order.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from tqdm.auto import tqdm
 
 from vlmjax.data import shapes
 from vlmjax.eval.pope import pope_metrics, yes_probability
+from vlmjax.inputs import image_placeholder
 from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
 
-PROMPT = "USER: " + IMAGE_TOKEN + " {question} ASSISTANT:"
+PROMPT = "USER: {image} {question} ASSISTANT:"
+FAMILIES = ("llava", "qwen2_vl")
 TASKS = ("pope", "attribute", "describe")
 DESCRIBE_QUESTION = "Describe the image."
 
@@ -42,25 +52,39 @@ DESCRIBE_QUESTION = "Describe the image."
 class TrainConfig:
     """Data, model and optimisation settings of one training run (the defaults train the built-in model)."""
 
+    family: str = "llava"
     seed: int = 0
     n_images: int = 5000
     test_fraction: float = 0.1
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 8  # Qwen2-VL merges 2x2 patches, so one visual token covers 2 * patch_size pixels
     tasks: tuple[str, ...] = ("pope", "describe")
     vision_hidden: int = 96
     vision_layers: int = 3
     text_hidden: int = 128
     text_layers: int = 3
+    text_mlp_ratio: int = 2
     heads: int = 4
     steps: int = 1500
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
+    alignment_learning_rate: float = 3e-3
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     grounding_weight: float = 1.0
-    alignment_steps: int = 1000
+    alignment_steps: int = 2500
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+
+
+# The settings each shipped model was trained with (``vlmjax/builtin/NAME``).
+PRESETS = {
+    "llava-shapes": TrainConfig(),
+    "qwen2-vl-shapes": TrainConfig(family="qwen2_vl"),
+}
 
 
 def shapes_vocabulary(image_size: int) -> list[str]:
@@ -72,43 +96,79 @@ def shapes_vocabulary(image_size: int) -> list[str]:
     return words
 
 
-def build_processor(image_size: int, patch_size: int, out_dir: str | Path | None = None):
-    """Word-level tokenizer covering the shapes vocabulary plus an HF LlavaProcessor (CLIP preprocessing)."""
+def build_processor(cfg: TrainConfig):
+    """Word-level tokenizer covering the shapes vocabulary plus the family's HF processor: ``LlavaProcessor`` with
+    CLIP preprocessing, or the Qwen2-VL processor with a pixel budget that keeps ``image_size`` images unresized."""
+    if cfg.family == "qwen2_vl":
+        from transformers import Qwen2VLImageProcessorPil
+
+        from vlmjax.tiny_qwen2_vl import build_processor as qwen_processor
+
+        side = cfg.image_size
+        image_processor = Qwen2VLImageProcessorPil(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2,
+                                                   min_pixels=side * side, max_pixels=side * side)
+        return qwen_processor(extra_words=shapes_vocabulary(side), image_processor=image_processor)
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    tokenizer = build_tokenizer(extra_words=shapes_vocabulary(image_size))
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=1)
-    if out_dir is not None:
-        processor.save_pretrained(str(out_dir))
-    return processor
+    tokenizer = build_tokenizer(extra_words=shapes_vocabulary(cfg.image_size))
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
+                                            crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                          vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                          num_additional_image_tokens=1)
+
+
+def token_side(cfg: TrainConfig) -> int:
+    """Pixels per side of the image square one visual token shows."""
+    return 2 * cfg.patch_size if cfg.family == "qwen2_vl" else cfg.patch_size
+
+
+def hf_config(cfg: TrainConfig, tokenizer):
+    """The HF config of the model to train: tied word embeddings (the grounding loss reads visual tokens through
+    them), one attention-head count throughout."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2VLConfig
+
+    text = dict(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp_ratio * cfg.text_hidden,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    if cfg.family == "qwen2_vl":
+        from vlmjax.tiny_qwen2_vl import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+
+        pairs = cfg.text_hidden // cfg.heads // 2  # rotary pairs split as in Qwen2-VL: 1/4 time, 3/8 row, 3/8 col
+        section = [pairs // 4, (pairs - pairs // 4) // 2, pairs - pairs // 4 - (pairs - pairs // 4) // 2]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+        vision = dict(depth=cfg.vision_layers, embed_dim=cfg.vision_hidden, hidden_size=cfg.text_hidden,
+                      num_heads=cfg.heads, mlp_ratio=4, patch_size=cfg.patch_size, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+            ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
+            ("vision_end_token_id", VISION_END))}
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text),
+                       image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+                       vision_feature_select_strategy="default", tie_word_embeddings=True)
 
 
 def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
-    """Save a randomly initialised HF LLaVA of the configured size (torch init, seeded) with the processor files."""
+    """Save a randomly initialised HF model of the configured family and size (torch init, seeded) with the
+    processor files."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    tokenizer = processor.tokenizer
-    text_config = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
-                              num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
-                              num_key_value_heads=cfg.heads, vocab_size=len(tokenizer), max_position_embeddings=512,
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    vision_config = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                                     num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
-                                     image_size=cfg.image_size, patch_size=cfg.patch_size,
-                                     projection_dim=cfg.vision_hidden)
-    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
-                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
-                         vision_feature_select_strategy="default", tie_word_embeddings=True)
+    model_class = Qwen2VLForConditionalGeneration if cfg.family == "qwen2_vl" else LlavaForConditionalGeneration
     torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(hf_config(cfg, processor.tokenizer)).eval()
     model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
+    if cfg.family == "qwen2_vl":
+        from vlmjax.tiny_qwen2_vl import save_processor
+
+        save_processor(processor, out_dir)
+    else:
+        processor.save_pretrained(str(out_dir))
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -168,19 +228,26 @@ def patch_labels(image: Image.Image, objects: Sequence[shapes.ShapeObject], patc
 
 
 def conversations(questions: Sequence[shapes.Sample], seed: int) -> list[list[shapes.Sample]]:
-    """One conversation per (image, question family, POPE split), its turns in a seeded random order: the image
-    is encoded once for several questions, and the first turn has exactly the evaluation prompt's form."""
-    groups: dict[tuple, list[shapes.Sample]] = {}
+    """One conversation per image and POPE split: that split's yes/no questions in a seeded random order, then the
+    image's other questions (describe, attribute), last so that their answers never give a yes/no answer away.
+    The image is encoded once for several questions, and the first turn has exactly the evaluation prompt's form."""
+    yes_no: dict[tuple, list[shapes.Sample]] = {}
+    others: dict[str, list[shapes.Sample]] = {}
     for q in questions:
-        groups.setdefault((q.image, q.question_type, q.split), []).append(q)
+        if q.question_type == "pope":
+            yes_no.setdefault((q.image, q.split), []).append(q)
+        else:
+            others.setdefault(q.image, []).append(q)
+    groups = yes_no or {(image, None): [] for image in others}
     rng = np.random.default_rng([seed, len(questions)])
-    return [[group[i] for i in rng.permutation(len(group))] for group in groups.values()]
+    return [[group[i] for i in rng.permutation(len(group))] + others.get(image, [])
+            for (image, _), group in groups.items()]
 
 
-def conversation_text(turns: Sequence[shapes.Sample], eos: str) -> str:
-    """``USER: <image> Q1 ASSISTANT: A1</s> USER: Q2 ASSISTANT: A2</s> ...``"""
+def conversation_text(turns: Sequence[shapes.Sample], eos: str, image: str) -> str:
+    """``USER: <image> Q1 ASSISTANT: A1</s> USER: Q2 ASSISTANT: A2</s> ...`` (``image``: the image placeholder)"""
     first, *rest = turns
-    return (PROMPT.format(question=first.question) + f" {first.answer}{eos}"
+    return (PROMPT.format(image=image, question=first.question) + f" {first.answer}{eos}"
             + "".join(f" USER: {q.question} ASSISTANT: {q.answer}{eos}" for q in rest))
 
 
@@ -193,22 +260,27 @@ def reply_mask(input_ids: np.ndarray, tokenizer) -> np.ndarray:
     return np.cumsum(starts, axis=1) > np.cumsum(is_eos, axis=1) - is_eos
 
 
-def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequence[shapes.Sample]]) -> dict:
-    """Training arrays from processor outputs: per image, ``pixel_values`` and ``patch_labels``; per conversation,
+def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequence[shapes.Sample]],
+           token_side: int) -> dict:
+    """Training arrays from processor outputs: per image, ``pixel_values`` (Qwen2-VL: [images, patches, dim] and
+    ``image_grid_thw``) and ``patch_labels`` (per visual token of ``token_side`` pixels); per conversation,
     left-padded ``input_ids`` / ``attention_mask``, ``loss_mask`` (the reply tokens) and ``image_index`` (its
     image's row)."""
     tokenizer = processor.tokenizer
     names = sorted({turns[0].image for turns in dialogues})
     row = {name: i for i, name in enumerate(names)}
-    pixel_values = processor.image_processor([images[n] for n in names], return_tensors="np")["pixel_values"]
+    pictures = processor.image_processor([images[n] for n in names], return_tensors="np")
+    per_image = {"pixel_values": np.asarray(pictures["pixel_values"], np.float32)}
+    if "image_grid_thw" in pictures:  # Qwen2-VL concatenates all images' patches; here every image has one grid
+        per_image["image_grid_thw"] = np.asarray(pictures["image_grid_thw"])
+        per_image["pixel_values"] = per_image["pixel_values"].reshape(len(names), -1, per_image["pixel_values"].shape[-1])
     by_image: dict[str, list[Sequence[shapes.Sample]]] = {}
     for turns in dialogues:
         by_image.setdefault(turns[0].image, []).append(turns)
-    labels = np.stack([patch_labels(images[n], by_image[n][0][0].objects, processor.patch_size, tokenizer)
-                       for n in names])
+    labels = np.stack([patch_labels(images[n], by_image[n][0][0].objects, token_side, tokenizer) for n in names])
     sequences, image_index = [], []
     for name, group in by_image.items():
-        texts = [conversation_text(turns, tokenizer.eos_token) for turns in group]
+        texts = [conversation_text(turns, tokenizer.eos_token, image_placeholder(processor)) for turns in group]
         out = processor(images=[images[name]] * len(group), text=texts, return_tensors="np", padding="longest")
         sequences += [ids[mask.astype(bool)] for ids, mask in zip(out["input_ids"], out["attention_mask"])]
         image_index += [row[name]] * len(group)
@@ -218,7 +290,7 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
     for i, sequence in enumerate(sequences):
         input_ids[i, length - len(sequence):] = sequence
         attention_mask[i, length - len(sequence):] = True
-    return {"pixel_values": pixel_values.astype(np.float32), "patch_labels": labels, "input_ids": input_ids,
+    return {**per_image, "patch_labels": labels, "input_ids": input_ids,
             "attention_mask": attention_mask, "loss_mask": reply_mask(input_ids, tokenizer),
             "image_index": np.asarray(image_index)}
 
@@ -229,18 +301,26 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
 def grounding_loss(params, image_features: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over labelled visual tokens of the cross-entropy between softmax(feature . word embeddings) and half
     the mass on the token's colour word, half on its shape word: it aligns each visual token with the embeddings
-    of the object it shows (LLaVA's projector alignment, with the vision tower trained too)."""
-    log_probs = jax.nn.log_softmax(image_features.astype(jnp.float32) @ params["text"]["embed"].T)
+    of the object it shows (LLaVA's projector alignment, with the vision tower trained too). ``labels`` is
+    [images, tokens, 2]; ``image_features`` holds those images' tokens in order (Qwen2-VL's packed rows may end in
+    padding rows, which are dropped)."""
+    images, tokens = labels.shape[:2]
+    features = image_features.reshape(-1, image_features.shape[-1])[:images * tokens].reshape(images, tokens, -1)
+    log_probs = jax.nn.log_softmax(features.astype(jnp.float32) @ params["text"]["embed"].T)
     labelled = labels[..., 0] >= 0
     nll = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0), axis=-1).mean(-1)
     return jnp.sum(nll * labelled) / jnp.maximum(jnp.sum(labelled), 1)
 
 
+def model_batch(batch: dict) -> dict:
+    """The model's part of a training batch (without the loss targets)."""
+    return {k: v for k, v in batch.items() if k not in ("loss_mask", "patch_labels")}
+
+
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
     """Answer loss (mean cross-entropy of the reply tokens given everything before them) plus
     ``grounding_weight`` x ``grounding_loss``; returns (total, {"answer": ..., "grounding": ...})."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-    out = model.forward(params, inputs, logits="all")
+    out = model.forward(params, model_batch(batch), logits="all")
     log_probs = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32))
     targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
@@ -252,14 +332,14 @@ def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Ar
 def alignment_loss(model, params, batch) -> tuple[jax.Array, dict]:
     """``grounding_loss`` alone, on prompts of visual tokens only (the decoder's outputs are unused, so jit drops
     the decoder): the first stage, which trains the vision tower and projector."""
-    out = model.forward(params, batch, logits=None)
+    out = model.forward(params, model_batch(batch), logits=None)
     grounding = grounding_loss(params, out["image_features"], batch["patch_labels"])
     return grounding, {"grounding": grounding}
 
 
-def make_optimizer(cfg: TrainConfig, steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, steps: int, learning_rate: float) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine decay to zero, gradient clipping, and weight decay on matrices only."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate,
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate,
                                                   max(1, int(cfg.warmup_fraction * steps)), steps)
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embed"), params)
@@ -278,28 +358,39 @@ def _epochs(n: int, batch_size: int, steps: int, seed: int):
         yield chosen
 
 
-def conversation_batches(data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
-    """Batches of conversations with their images and patch labels."""
+def image_inputs(data: dict[str, np.ndarray], rows: np.ndarray) -> dict:
+    """``pixel_values`` (and Qwen2-VL's ``image_grid_thw``) of images ``rows``, laid out as the processor does."""
+    pixels = data["pixel_values"][rows]
+    if "image_grid_thw" not in data:
+        return {"pixel_values": pixels}
+    return {"pixel_values": pixels.reshape(-1, pixels.shape[-1]), "image_grid_thw": data["image_grid_thw"][rows]}
+
+
+def conversation_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
+    """Batches of conversations (through ``model.prepare``, as processor outputs) with reply masks and the patch
+    labels of their images."""
     for chosen in _epochs(len(data["input_ids"]), batch_size, steps, seed):
         rows = data["image_index"][chosen]
-        yield {"input_ids": data["input_ids"][chosen], "attention_mask": data["attention_mask"][chosen],
-               "loss_mask": data["loss_mask"][chosen], "pixel_values": data["pixel_values"][rows],
-               "patch_labels": data["patch_labels"][rows]}
+        batch, _ = model.prepare({"input_ids": data["input_ids"][chosen],
+                                  "attention_mask": data["attention_mask"][chosen], **image_inputs(data, rows)})
+        yield {**batch, "loss_mask": data["loss_mask"][chosen], "patch_labels": data["patch_labels"][rows]}
 
 
-def image_batches(data: dict[str, np.ndarray], image_token_id: int, batch_size: int, steps: int, seed: int):
+def image_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
     """Batches of images with patch labels, each prompt being its visual tokens alone."""
-    n_images, n_patches = data["patch_labels"].shape[:2]
-    input_ids = np.full((batch_size, n_patches), image_token_id, np.int32)
+    n_images, n_tokens = data["patch_labels"].shape[:2]
+    input_ids = np.full((batch_size, n_tokens), model.config.image_token_id, np.int32)
     for chosen in _epochs(n_images, batch_size, steps, seed):
-        yield {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids, bool),
-               "pixel_values": data["pixel_values"][chosen], "patch_labels": data["patch_labels"][chosen]}
+        batch, _ = model.prepare({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids, bool),
+                                  **image_inputs(data, chosen)})
+        yield {**batch, "patch_labels": data["patch_labels"][chosen]}
 
 
-def fit(params, loss_fn, batch_stream, steps: int, cfg: TrainConfig, desc: str, progress: bool = True):
+def fit(params, loss_fn, batch_stream, steps: int, learning_rate: float, cfg: TrainConfig, desc: str,
+        progress: bool = True):
     """Optimise ``loss_fn(params, batch) -> (loss, parts)`` over ``steps`` batches with a jitted AdamW step;
     returns (params, {part: per-step values})."""
-    optimizer = make_optimizer(cfg, steps)
+    optimizer = make_optimizer(cfg, steps, learning_rate)
 
     @jax.jit
     def step(params, opt_state, batch):
@@ -322,13 +413,12 @@ def train(model, data: dict[str, np.ndarray], cfg: TrainConfig, progress: bool =
     """Two stages from ``model.params``: ``cfg.alignment_steps`` of ``alignment_loss`` on images, then
     ``cfg.steps`` of ``training_loss`` on conversations. Returns (params, {"alignment": history, "training":
     history}), each history holding per-step values of the loss parts."""
-    image_token_id = model.config.image_token_id
     params, aligned = fit(model.params, lambda p, b: alignment_loss(model, p, b),
-                          image_batches(data, image_token_id, cfg.batch_size, cfg.alignment_steps, cfg.seed),
-                          cfg.alignment_steps, cfg, "aligning", progress)
+                          image_batches(model, data, cfg.batch_size, cfg.alignment_steps, cfg.seed),
+                          cfg.alignment_steps, cfg.alignment_learning_rate, cfg, "aligning", progress)
     params, trained = fit(params, lambda p, b: training_loss(model, p, b, cfg.grounding_weight),
-                          conversation_batches(data, cfg.batch_size, cfg.steps, cfg.seed), cfg.steps, cfg,
-                          "training", progress)
+                          conversation_batches(model, data, cfg.batch_size, cfg.steps, cfg.seed), cfg.steps,
+                          cfg.learning_rate, cfg, "training", progress)
     return params, {"alignment": aligned, "training": trained}
 
 
@@ -349,7 +439,8 @@ def evaluate_yes_no(model, processor, images: dict[str, Image.Image], questions:
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         pictures = [Image.new("RGB", images[q.image].size) if black_images else images[q.image] for q in chunk]
-        inputs = processor(images=pictures, text=[PROMPT.format(question=q.question) for q in chunk],
+        text = [PROMPT.format(image=image_placeholder(processor), question=q.question) for q in chunk]
+        inputs = processor(images=pictures, text=text,
                            return_tensors="np", padding="longest")
         logits = model(**inputs, logits="last").logits[:, -1]
         p_yes.extend(yes_probability(np.asarray(logits), yes_ids, no_ids).tolist())
@@ -372,16 +463,19 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     train_questions = questions["train"]
     test_questions = [q for q in questions["test"] if q.question_type == "pope"]
     with tempfile.TemporaryDirectory() as init_dir:
-        processor = build_processor(cfg.image_size, cfg.patch_size)
+        processor = build_processor(cfg)
         init_hf_model(cfg, processor, init_dir)
         model = vlmjax.load(init_dir, progress=False)
-        data = encode(processor, images, conversations(train_questions, cfg.seed))
+        data = encode(processor, images, conversations(train_questions, cfg.seed), token_side(cfg))
         params, history = train(model, data, cfg, progress)
         train_seconds = time.perf_counter() - started
         save_hf(params, model.config, model.hf_config, out_dir, source_dir=init_dir)
     trained = vlmjax.load(out_dir, progress=False)
     real = evaluate_yes_no(trained, processor, images, test_questions)
     black = evaluate_yes_no(trained, processor, images, test_questions, black_images=True)
+    by_split = {split: float(np.mean([(p >= 0.5) == (q.answer == "yes")
+                                      for p, q in zip(real["p_yes"], test_questions) if q.split == split]))
+                for split in shapes.POPE_SPLITS}
     report = {"config": dataclasses.asdict(cfg), "parameters": parameter_count(params),
               "train_questions": len(train_questions), "train_images": len(data["pixel_values"]),
               "test_questions": len(test_questions), "train_seconds": round(train_seconds, 1),
@@ -389,29 +483,36 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
               "answer_loss_first_50": float(np.mean(history["training"]["answer"][:50])),
               "answer_loss_last_50": float(np.mean(history["training"]["answer"][-50:])),
               "grounding_loss_last_50": float(np.mean(history["training"]["grounding"][-50:])),
-              "test_accuracy": real["accuracy"], "test_yes_ratio": real["yes_ratio"],
+              "test_accuracy": real["accuracy"], "test_accuracy_by_split": by_split,
+              "test_f1": real["f1"], "test_yes_ratio": real["yes_ratio"],
               "black_image_accuracy": black["accuracy"], "black_image_yes_ratio": black["yes_ratio"]}
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="Train a small LLaVA on the shapes world (JAX, CPU) and save it "
-                                                 "as an HF checkpoint directory.")
+    parser = argparse.ArgumentParser(description="Train a small VLM on the shapes world (JAX, CPU) and save it as an "
+                                                 "HF checkpoint directory. Flags override the preset's settings.")
     parser.add_argument("--out", required=True, help="output directory (HF format)")
+    parser.add_argument("--preset", default="llava-shapes", choices=sorted(PRESETS),
+                        help="the settings of a built-in model (default: llava-shapes)")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.name == "tasks":
-            parser.add_argument(flag, default=",".join(field.default), help=f"comma-separated subset of {TASKS}")
+            parser.add_argument(flag, help=f"comma-separated subset of {TASKS}")
+        elif field.name == "family":
+            parser.add_argument(flag, choices=FAMILIES)
         else:
-            parser.add_argument(flag, type=type(field.default), default=field.default)
+            parser.add_argument(flag, type=type(field.default))
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    args["tasks"] = tuple(t for t in args["tasks"].split(",") if t)
-    unknown = set(args["tasks"]) - set(TASKS)
-    if unknown:
-        parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
-    report = run(TrainConfig(**args), out)
+    out, preset = args.pop("out"), PRESETS[args.pop("preset")]
+    if args["tasks"] is not None:
+        args["tasks"] = tuple(t for t in args["tasks"].split(",") if t)
+        unknown = set(args["tasks"]) - set(TASKS)
+        if unknown:
+            parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+    cfg = dataclasses.replace(preset, **{k: v for k, v in args.items() if v is not None})
+    report = run(cfg, out)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     return report
 

@@ -21,6 +21,7 @@ from vlmjax.errors import VlmJaxError
 from vlmjax.eval.pope import parse_yes_no, yes_probability
 from vlmjax.eval.records import ResultsWriter, ScalarLogger
 from vlmjax.generate import generate
+from vlmjax.inputs import image_placeholder
 
 DEFAULT_PROMPT = "USER: <image> {question} ASSISTANT:"
 NULL_IMAGES = ("black", "gray")
@@ -52,8 +53,8 @@ def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     yes_ids, no_ids = answer_token_ids(tokenizer, "yes"), answer_token_ids(tokenizer, "no")
-    image_token = getattr(processor, "image_token", "<image>")
-    texts = {r.question_id: prompt.format(question=r.text).replace("<image>", image_token) for r in records}
+    texts = {r.question_id: prompt.format(question=r.text).replace("<image>", image_placeholder(processor))
+             for r in records}
     length = prompt_length(processor, records[0], texts) if records else 0
     logger = ScalarLogger(str(logdir)) if logdir else None
     with ResultsWriter(str(out_path), id_key="id") as writer:
