@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 from vlmjax.data import shapes
 from vlmjax.eval.pope import pope_metrics, yes_probability
 from vlmjax.inputs import image_placeholder
+from vlmjax.models import llava, qwen2_vl
+from vlmjax.models.llava import merge_image_features
 from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
 
 PROMPT = "USER: {image} {question} ASSISTANT:"
@@ -317,10 +319,33 @@ def model_batch(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("loss_mask", "patch_labels")}
 
 
+def training_forward(model, params, batch: dict, logits: str | None) -> dict:
+    """``model.forward`` on a training batch. For Qwen2-VL the vision tower runs image by image under ``vmap``
+    (every training image has the same grid): the same numbers as the packed block-diagonal attention of
+    ``qwen2_vl.image_features``, without its cost quadratic in the batch's total patch count."""
+    inputs = model_batch(batch)
+    if model.module is not qwen2_vl:
+        return model.forward(params, inputs, logits=logits)
+    n_images = batch["patch_labels"].shape[0]
+    per_image = lambda x: x.reshape(n_images, -1, *x.shape[1:])
+
+    def add_images(params, batch, cfg, x, hooks, run_global):
+        one_image = lambda pixels, positions: qwen2_vl.image_features(
+            params, {"pixel_values": pixels, "vision_segment_ids": jnp.zeros(pixels.shape[0], jnp.int32),
+                     "vision_positions": positions}, cfg, hooks, run_global)[0]
+        features = jax.vmap(one_image)(per_image(batch["pixel_values"]), per_image(batch["vision_positions"]))
+        features = features.reshape(1, -1, features.shape[-1])
+        return merge_image_features(x, batch["input_ids"], features, cfg.image_token_id), features
+
+    out = llava.language_forward(params, inputs, model.config, None, add_images, rotary=qwen2_vl.rotary_mrope,
+                                 logits=logits)
+    return out
+
+
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
     """Answer loss (mean cross-entropy of the reply tokens given everything before them) plus
     ``grounding_weight`` x ``grounding_loss``; returns (total, {"answer": ..., "grounding": ...})."""
-    out = model.forward(params, model_batch(batch), logits="all")
+    out = training_forward(model, params, batch, logits="all")
     log_probs = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32))
     targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
@@ -332,7 +357,7 @@ def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Ar
 def alignment_loss(model, params, batch) -> tuple[jax.Array, dict]:
     """``grounding_loss`` alone, on prompts of visual tokens only (the decoder's outputs are unused, so jit drops
     the decoder): the first stage, which trains the vision tower and projector."""
-    out = model.forward(params, model_batch(batch), logits=None)
+    out = training_forward(model, params, batch, logits=None)
     grounding = grounding_loss(params, out["image_features"], batch["patch_labels"])
     return grounding, {"grounding": grounding}
 

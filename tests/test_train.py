@@ -1,0 +1,81 @@
+"""The training script of the built-in models: both families train (losses fall), save HF directories that load,
+and Qwen2-VL's per-image training forward equals the model's packed forward."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import vlmjax
+from vlmjax import train
+
+
+def _small(family: str) -> train.TrainConfig:
+    base = train.PRESETS["qwen2-vl-shapes" if family == "qwen2_vl" else "llava-shapes"]
+    return dataclasses.replace(base, n_images=48, test_fraction=0.25, vision_hidden=32, vision_layers=1,
+                               text_hidden=32, text_layers=2, batch_size=8, alignment_steps=30, steps=30,
+                               learning_rate=3e-3, alignment_learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def prepared(request, tmp_path_factory):
+    cfg = _small(request.param)
+    images, questions = train.shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, cfg.tasks)
+    processor = train.build_processor(cfg)
+    path = tmp_path_factory.mktemp(request.param)
+    train.init_hf_model(cfg, processor, path)
+    model = vlmjax.load(path, progress=False)
+    data = train.encode(processor, images, train.conversations(questions["train"], cfg.seed), train.token_side(cfg))
+    return cfg, model, data
+
+
+def test_losses_fall(prepared):
+    cfg, model, data = prepared
+    _, history = train.train(model, data, cfg, progress=False)
+    aligned, tuned = history["alignment"]["grounding"], history["training"]["answer"]
+    assert len(aligned) == cfg.alignment_steps and len(tuned) == cfg.steps
+    assert np.mean(aligned[-5:]) < 0.8 * np.mean(aligned[:5])
+    assert np.mean(tuned[-5:]) < 0.8 * np.mean(tuned[:5])
+
+
+def test_batches_carry_reply_masks_and_one_label_row_per_visual_token(prepared):
+    cfg, model, data = prepared
+    batch = next(train.conversation_batches(model, data, 4, 1, cfg.seed))
+    n_tokens = (cfg.image_size // train.token_side(cfg)) ** 2
+    assert batch["patch_labels"].shape == (4, n_tokens, 2)
+    assert (batch["input_ids"] == model.config.image_token_id).sum(axis=1).tolist() == [n_tokens] * 4
+    replies = batch["input_ids"][batch["loss_mask"]]
+    eos = model.hf_config.text_config.eos_token_id
+    assert (replies == eos).sum() == (batch["input_ids"] == eos).sum()  # every reply ends with a learned </s>
+    assert model.config.image_token_id not in replies.tolist()
+
+
+@pytest.mark.parametrize("prepared", ["qwen2_vl"], indirect=True)
+def test_qwen2_vl_training_forward_equals_the_packed_forward(prepared):
+    """(LLaVA's training forward is model.forward itself.)"""
+    cfg, model, data = prepared
+    batch = next(train.conversation_batches(model, data, 4, 1, cfg.seed))
+    ours = train.training_forward(model, model.params, batch, logits="all")
+    packed = model.forward(model.params, train.model_batch(batch), logits="all")
+    np.testing.assert_allclose(np.asarray(ours["logits"]), np.asarray(packed["logits"]), atol=1e-5)
+
+
+def test_run_saves_an_hf_directory_with_a_report(tmp_path):
+    cfg = dataclasses.replace(_small("llava"), alignment_steps=2, steps=2)
+    report = train.run(cfg, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "training_report.json").read_text())
+    assert saved["test_accuracy"] == report["test_accuracy"] and set(saved["test_accuracy_by_split"]) == {
+        "random", "popular", "adversarial"}
+    from vlmjax.inputs import load_processor
+
+    assert vlmjax.load(tmp_path, progress=False).config.image_token_id == load_processor(tmp_path).image_token_id
+
+
+def test_command_line_overrides_the_preset(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda cfg, out: seen.update(cfg=cfg, out=out) or {})
+    train.main(["--preset", "qwen2-vl-shapes", "--out", str(tmp_path), "--steps", "7", "--tasks", "pope"])
+    assert seen["cfg"] == dataclasses.replace(train.PRESETS["qwen2-vl-shapes"], steps=7, tasks=("pope",))
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--tasks", "pope,dance"])
