@@ -8,7 +8,7 @@ from pathlib import Path
 import vlmjax
 from vlmjax.eval.pope import yes_probability
 from vlmjax.inputs import image_placeholder
-from vlmjax.eval.run import DEFAULT_PROMPT, answer_token_ids, load_shapes_pope, prompt_length
+from vlmjax.eval.run import DEFAULT_PROMPT, answer_token_ids, load_shapes_pope, prompt_length, shapes_image_size
 
 
 def setup(config: dict):
@@ -24,7 +24,7 @@ def setup(config: dict):
     if not (data / "dataset.json").is_file():
         from vlmjax.data.shapes import generate_dataset
 
-        generate_dataset(str(data), config["n_images"], config["seed"], image_size=model.config.vision.image_size)
+        generate_dataset(str(data), config["n_images"], config["seed"], image_size=shapes_image_size(model, processor))
     records = load_shapes_pope(data, splits=config["splits"], limit=config["limit_per_split"])
     return model, processor, records, out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmjax import builtin
 from vlmjax.errors import VlmJaxError
 
 TOLERANCE = 1e-4
@@ -105,7 +106,7 @@ def cmd_eval(args) -> int:
     import vlmjax
     from vlmjax.data.loaders import load_pope
     from vlmjax.eval.pope import format_table, score_pope
-    from vlmjax.eval.run import evaluate_pope, load_shapes_pope
+    from vlmjax.eval.run import evaluate_pope, load_shapes_pope, shapes_image_size
 
     model = vlmjax.load(args.model, progress=False)
     from vlmjax.inputs import load_processor
@@ -121,8 +122,10 @@ def cmd_eval(args) -> int:
         if not (data / "dataset.json").is_file():
             from vlmjax.data.shapes import generate_dataset
 
-            print(f"generating a shapes-world POPE set ({args.n_images} images, seed {args.seed}) in {data}")
-            generate_dataset(str(data), args.n_images, args.seed, image_size=model.config.vision.image_size)
+            side = shapes_image_size(model, processor)
+            print(f"generating a shapes-world POPE set ({args.n_images} images of {side}x{side}, seed {args.seed}) "
+                  f"in {data}")
+            generate_dataset(str(data), args.n_images, args.seed, image_size=side)
         records = load_shapes_pope(data, splits=args.splits, limit=args.limit)
     name = f"results{'-' + args.null_image if args.null_image else ''}.jsonl"
     results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="per-layer max |Δ| of vlmjax vs the HF PyTorch reference")
-    p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files)")
+    p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files) or builtin:NAME")
     p.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA (into PATH or a temp dir)")
     p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.tiny.VARIANTS)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE)
@@ -165,6 +168,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     try:
+        for name in ("src", "path"):  # a shipped model by name: builtin:NAME
+            if getattr(args, name, None):
+                setattr(args, name, str(builtin.resolve(getattr(args, name))))
         return args.func(args)
     except VlmJaxError as e:
         print(f"error: {e}", file=sys.stderr)

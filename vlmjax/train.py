@@ -56,8 +56,8 @@ class TrainConfig:
 
     family: str = "llava"
     seed: int = 0
-    n_images: int = 5000
-    test_fraction: float = 0.1
+    n_images: int = 30000
+    test_fraction: float = 0.05
     image_size: int = 64
     patch_size: int = 8  # Qwen2-VL merges 2x2 patches, so one visual token covers 2 * patch_size pixels
     tasks: tuple[str, ...] = ("pope", "describe")
@@ -75,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     grounding_weight: float = 1.0
-    alignment_steps: int = 2500
+    alignment_steps: int = 3000
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -508,6 +508,9 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
               "answer_loss_first_50": float(np.mean(history["training"]["answer"][:50])),
               "answer_loss_last_50": float(np.mean(history["training"]["answer"][-50:])),
               "grounding_loss_last_50": float(np.mean(history["training"]["grounding"][-50:])),
+              "loss_curves_per_100_steps": {f"{stage}.{part}": [round(float(np.mean(v[i:i + 100])), 4)
+                                                                 for i in range(0, len(v), 100)]
+                                            for stage, parts in history.items() for part, v in parts.items()},
               "test_accuracy": real["accuracy"], "test_accuracy_by_split": by_split,
               "test_f1": real["f1"], "test_yes_ratio": real["yes_ratio"],
               "black_image_accuracy": black["accuracy"], "black_image_yes_ratio": black["yes_ratio"]}

@@ -111,3 +111,15 @@ def load_shapes_pope(root, subset: str = "test", splits: Sequence[str] = ("rando
         rows = load_pope(str(path), str(root / "images"))[:limit]
         records += [PopeRecord(**{**r.__dict__, "extra": {**r.extra, "split": split}}) for r in rows]
     return records
+
+
+def shapes_image_size(model, processor, largest: int = 224) -> int:
+    """Side of generated shapes-world images: the vision tower's input size where it has one (LLaVA), else the
+    largest square the processor keeps unresized (Qwen2-VL's pixel budget, in multiples of patch x merge size),
+    at most ``largest``."""
+    side = getattr(model.config.vision, "image_size", None)
+    if side:
+        return side
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    return min(largest, int(image_processor.size.longest_edge ** 0.5) // factor * factor)

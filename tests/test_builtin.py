@@ -1,0 +1,72 @@
+"""The shipped models (vlmjax/builtin): loaded by name, they agree with HF PyTorch on their trained weights, decode
+greedily as HF `generate` does, and answer held-out POPE-style questions from the image (chance without it)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlmjax
+from vlmjax import builtin, cli
+from vlmjax.data.shapes import generate_dataset
+from vlmjax.eval.pope import score_pope
+from vlmjax.eval.run import DEFAULT_PROMPT, evaluate_pope, load_shapes_pope
+from vlmjax.generate import generate
+from vlmjax.inputs import image_placeholder, load_processor
+from vlmjax.reference import load_hf_model
+
+BUILTINS = ("llava-shapes", "qwen2-vl-shapes")
+
+
+def test_the_built_in_models_are_shipped():
+    assert set(BUILTINS) <= set(builtin.available())
+    for name in BUILTINS:
+        report = json.loads((builtin.builtin_path(name) / "training_report.json").read_text())
+        assert report["config"]["seed"] == 0 and report["test_questions"] > 1000
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """POPE questions on images neither model saw (another seed, hence another category prior too)."""
+    root = tmp_path_factory.mktemp("heldout")
+    generate_dataset(str(root), 150, 4321, image_size=64)
+    return load_shapes_pope(root)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_parity_with_hf_on_trained_weights(name, capsys):
+    assert cli.main(["verify", f"builtin:{name}"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_greedy_matches_hf_generate(name, heldout):
+    path = builtin.builtin_path(name)
+    processor = load_processor(path)
+    processor.tokenizer.padding_side = "left"
+    records = heldout[:: len(heldout) // 6][:6]
+    texts = [DEFAULT_PROMPT.format(question=r.text).replace("<image>", image_placeholder(processor))
+             for r in records]
+    texts[1] += " no . USER: Describe the image . ASSISTANT:"  # a longer, multi-turn prompt
+    inputs = dict(processor(images=[r.load_image() for r in records], text=texts, return_tensors="np",
+                            padding=True))
+    tokenizer = processor.tokenizer
+    ref = load_hf_model(path).generate(**{k: torch.as_tensor(v) for k, v in inputs.items()}, max_new_tokens=12,
+                                       do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id).numpy()
+    ours = generate(vlmjax.load(f"builtin:{name}", progress=False), inputs, 12,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+
+
+@pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.95), ("qwen2-vl-shapes", 0.85)])
+def test_answers_from_the_image_and_at_chance_without_it(name, least_accuracy, heldout, tmp_path):
+    model = vlmjax.load(f"builtin:{name}", progress=False)
+    processor = load_processor(model.path)
+    real = score_pope(evaluate_pope(model, processor, heldout, tmp_path / "real.jsonl", batch_size=32,
+                                    progress=False))
+    black = score_pope(evaluate_pope(model, processor, heldout, tmp_path / "black.jsonl", batch_size=32,
+                                     image_kind="black", progress=False))
+    assert real["overall"]["accuracy"] >= least_accuracy
+    assert abs(black["overall"]["accuracy"] - 0.5) <= 0.05
