@@ -26,7 +26,8 @@ def prepared(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     train.init_hf_model(cfg, processor, path)
     model = vlmjax.load(path, progress=False)
-    data = train.encode(processor, images, train.conversations(questions["train"], cfg.seed), train.token_side(cfg))
+    data = train.encode(processor, images, train.conversations(questions["train"], cfg.seed), train.token_side(cfg),
+                        cfg.label_objects, cfg.label_min_fraction)
     return cfg, model, data
 
 
@@ -43,7 +44,11 @@ def test_batches_carry_reply_masks_and_one_label_row_per_visual_token(prepared):
     cfg, model, data = prepared
     batch = next(train.conversation_batches(model, data, 4, 1, cfg.seed))
     n_tokens = (cfg.image_size // train.token_side(cfg)) ** 2
-    assert batch["patch_labels"].shape == (4, n_tokens, 2)
+    assert batch["patch_labels"].shape == (4, n_tokens, cfg.label_objects, 2)
+    weights = batch["patch_weights"]
+    assert weights.shape == (4, n_tokens, cfg.label_objects) and (weights > 0).any()
+    np.testing.assert_allclose(weights.sum(-1)[weights.sum(-1) > 0], 1, rtol=1e-6)
+    assert ((batch["patch_labels"][..., 0] >= 0) == (weights > 0)).all()
     assert (batch["input_ids"] == model.config.image_token_id).sum(axis=1).tolist() == [n_tokens] * 4
     replies = batch["input_ids"][batch["loss_mask"]]
     eos = model.hf_config.text_config.eos_token_id
@@ -79,3 +84,24 @@ def test_command_line_overrides_the_preset(tmp_path, monkeypatch):
     assert seen["cfg"] == dataclasses.replace(train.PRESETS["qwen2-vl-shapes"], steps=7, tasks=("pope",))
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--tasks", "pope,dance"])
+
+
+def test_patch_labels_give_each_object_its_pixel_share():
+    from PIL import Image
+
+    from vlmjax.data.shapes import COLOURS, ShapeObject
+
+    pixels = np.full((16, 16, 3), 200, np.uint8)
+    pixels[0:4, 0:12] = COLOURS["red"]  # 48 pixels
+    pixels[8:16, 0:2] = COLOURS["blue"]  # 16 pixels
+    objects = (ShapeObject("square", "red", "small", (0, 0, 12, 4)), ShapeObject("cross", "blue", "small", (0, 8, 2, 16)))
+    tokenizer = train.build_processor(train.PRESETS["llava-shapes"]).tokenizer
+    ids = lambda *words: tokenizer.convert_tokens_to_ids(list(words))
+    labels, weights = train.patch_labels(Image.fromarray(pixels), objects, 16, tokenizer, max_objects=3,
+                                         min_fraction=0.05)
+    assert labels[0].tolist() == [ids("red", "square"), ids("blue", "cross"), [-1, -1]]
+    np.testing.assert_allclose(weights[0], [0.75, 0.25, 0])
+    labels, weights = train.patch_labels(Image.fromarray(pixels), objects, 16, tokenizer)  # majority, >= 1/8
+    assert labels[0].tolist() == [ids("red", "square")] and weights[0].tolist() == [1]
+    labels, weights = train.patch_labels(Image.fromarray(pixels), objects, 8, tokenizer)
+    assert labels[:, 0, 0].tolist() == [*ids("red", "red", "blue"), -1] and weights[:, 0].tolist() == [1, 1, 1, 0]

@@ -74,6 +74,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     grounding_weight: float = 1.0
+    label_objects: int = 1  # objects per visual token in the grounding target (see patch_labels)
+    label_min_fraction: float = 0.125
     alignment_steps: int = 3000
 
     def __post_init__(self):
@@ -84,7 +86,8 @@ class TrainConfig:
 # The settings each shipped model was trained with (``vlmjax/builtin/NAME``).
 PRESETS = {
     "llava-shapes": TrainConfig(),
-    "qwen2-vl-shapes": TrainConfig(family="qwen2_vl"),
+    # 2x2-merged tokens of 16 pixels often show parts of several objects: each gets its share of the target.
+    "qwen2-vl-shapes": TrainConfig(family="qwen2_vl", label_objects=3, label_min_fraction=0.05),
 }
 
 
@@ -204,9 +207,11 @@ def describe_sample(scene: shapes.Scene) -> shapes.Sample:
 
 
 def patch_labels(image: Image.Image, objects: Sequence[shapes.ShapeObject], patch_size: int, tokenizer,
-                 min_fraction: float = 0.125) -> np.ndarray:
-    """[patches, 2] token ids of the colour and shape words of the object showing in most pixels of each patch
-    (row-major, as the vision tower orders them), or -1 where objects show in under ``min_fraction`` of it.
+                 max_objects: int = 1, min_fraction: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
+    """Grounding targets of each ``patch_size`` square (row-major, as the visual tokens are ordered): token ids
+    [patches, max_objects, 2] of the colour and shape words of the objects showing in most of its pixels (at least
+    ``min_fraction`` of them each; -1 beyond), and weights [patches, max_objects], those objects' pixel shares
+    (summing to 1 where any object is labelled, 0 elsewhere).
 
     Pixels are assigned exactly: an object's colour appears only on objects of that colour, and objects of one
     colour never touch, so a pixel of colour c inside the box of the c-coloured object belongs to that object."""
@@ -219,13 +224,15 @@ def patch_labels(image: Image.Image, objects: Sequence[shapes.ShapeObject], patc
     rows, cols = pixels.shape[0] // patch_size, pixels.shape[1] // patch_size
     blocks = owner[:rows * patch_size, :cols * patch_size].reshape(rows, patch_size, cols, patch_size)
     blocks = blocks.transpose(0, 2, 1, 3).reshape(rows * cols, patch_size * patch_size)
-    labels = np.full((rows * cols, 2), -1, np.int32)
+    labels = np.full((rows * cols, max_objects, 2), -1, np.int32)
+    weights = np.zeros((rows * cols, max_objects), np.float32)
     for patch, block in enumerate(blocks):
         counts = np.bincount(block[block >= 0], minlength=len(objects))
-        if counts.size and counts.max() >= min_fraction * block.size:
-            obj = objects[int(counts.argmax())]
-            labels[patch] = tokenizer.convert_tokens_to_ids([obj.colour, obj.shape])
-    return labels
+        shown = [i for i in np.argsort(-counts, kind="stable")[:max_objects] if counts[i] >= min_fraction * block.size]
+        for k, i in enumerate(shown):
+            labels[patch, k] = tokenizer.convert_tokens_to_ids([objects[i].colour, objects[i].shape])
+            weights[patch, k] = counts[i] / counts[shown].sum()
+    return labels, weights
 
 
 def conversations(questions: Sequence[shapes.Sample], seed: int) -> list[list[shapes.Sample]]:
@@ -262,9 +269,10 @@ def reply_mask(input_ids: np.ndarray, tokenizer) -> np.ndarray:
 
 
 def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequence[shapes.Sample]],
-           token_side: int) -> dict:
+           token_side: int, label_objects: int = 1, label_min_fraction: float = 0.125) -> dict:
     """Training arrays from processor outputs: per image, ``pixel_values`` (Qwen2-VL: [images, patches, dim] and
-    ``image_grid_thw``) and ``patch_labels`` (per visual token of ``token_side`` pixels); per conversation,
+    ``image_grid_thw``), ``patch_labels`` and ``patch_weights`` (per visual token of ``token_side`` pixels, see
+    ``patch_labels``); per conversation,
     left-padded ``input_ids`` / ``attention_mask``, ``loss_mask`` (the reply tokens) and ``image_index`` (its
     image's row)."""
     tokenizer = processor.tokenizer
@@ -278,7 +286,9 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
     by_image: dict[str, list[Sequence[shapes.Sample]]] = {}
     for turns in dialogues:
         by_image.setdefault(turns[0].image, []).append(turns)
-    labels = np.stack([patch_labels(images[n], by_image[n][0][0].objects, token_side, tokenizer) for n in names])
+    labels, weights = (np.stack(a) for a in zip(*(
+        patch_labels(images[n], by_image[n][0][0].objects, token_side, tokenizer, label_objects, label_min_fraction)
+        for n in names)))
     sequences, image_index = [], []
     for name, group in by_image.items():
         texts = [conversation_text(turns, tokenizer.eos_token, image_placeholder(processor)) for turns in group]
@@ -291,7 +301,7 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
     for i, sequence in enumerate(sequences):
         input_ids[i, length - len(sequence):] = sequence
         attention_mask[i, length - len(sequence):] = True
-    return {**per_image, "patch_labels": labels, "input_ids": input_ids,
+    return {**per_image, "patch_labels": labels, "patch_weights": weights, "input_ids": input_ids,
             "attention_mask": attention_mask, "loss_mask": reply_mask(input_ids, tokenizer),
             "image_index": np.asarray(image_index)}
 
@@ -299,23 +309,25 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
 # -------------------------------------------------------------------------------------------------------- training
 
 
-def grounding_loss(params, image_features: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean over labelled visual tokens of the cross-entropy between softmax(feature . word embeddings) and half
-    the mass on the token's colour word, half on its shape word: it aligns each visual token with the embeddings
-    of the object it shows (LLaVA's projector alignment, with the vision tower trained too). ``labels`` is
-    [images, tokens, 2]; ``image_features`` holds those images' tokens in order (Qwen2-VL's packed rows may end in
-    padding rows, which are dropped)."""
+def grounding_loss(params, image_features: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean over labelled visual tokens of the cross-entropy between softmax(feature . word embeddings) and the
+    target putting, for each object the token shows, its pixel share half on its colour word and half on its shape
+    word: it aligns each visual token with the embeddings of what it shows (LLaVA's projector alignment, with the
+    vision tower trained too). ``labels`` [images, tokens, objects, 2] and ``weights`` [images, tokens, objects] as
+    ``patch_labels`` gives them; ``image_features`` holds those images' tokens in order (Qwen2-VL's packed rows may
+    end in padding rows, which are dropped)."""
     images, tokens = labels.shape[:2]
     features = image_features.reshape(-1, image_features.shape[-1])[:images * tokens].reshape(images, tokens, -1)
     log_probs = jax.nn.log_softmax(features.astype(jnp.float32) @ params["text"]["embed"].T)
-    labelled = labels[..., 0] >= 0
-    nll = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0), axis=-1).mean(-1)
-    return jnp.sum(nll * labelled) / jnp.maximum(jnp.sum(labelled), 1)
+    picked = jnp.take_along_axis(log_probs[:, :, None, :], jnp.maximum(labels, 0), axis=-1)  # [I, T, K, 2]
+    nll = -(picked.mean(-1) * weights).sum(-1)
+    labelled = weights.sum(-1) > 0
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(labelled), 1)
 
 
 def model_batch(batch: dict) -> dict:
     """The model's part of a training batch (without the loss targets)."""
-    return {k: v for k, v in batch.items() if k not in ("loss_mask", "patch_labels")}
+    return {k: v for k, v in batch.items() if k not in ("loss_mask", "patch_labels", "patch_weights")}
 
 
 def training_forward(model, params, batch: dict, logits: str | None) -> dict:
@@ -349,7 +361,7 @@ def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Ar
     targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     answer = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
-    grounding = grounding_loss(params, out["image_features"], batch["patch_labels"])
+    grounding = grounding_loss(params, out["image_features"], batch["patch_labels"], batch["patch_weights"])
     return answer + grounding_weight * grounding, {"answer": answer, "grounding": grounding}
 
 
@@ -357,7 +369,7 @@ def alignment_loss(model, params, batch) -> tuple[jax.Array, dict]:
     """``grounding_loss`` alone, on prompts of visual tokens only (the decoder's outputs are unused, so jit drops
     the decoder): the first stage, which trains the vision tower and projector."""
     out = training_forward(model, params, batch, logits=None)
-    grounding = grounding_loss(params, out["image_features"], batch["patch_labels"])
+    grounding = grounding_loss(params, out["image_features"], batch["patch_labels"], batch["patch_weights"])
     return grounding, {"grounding": grounding}
 
 
@@ -397,7 +409,8 @@ def conversation_batches(model, data: dict[str, np.ndarray], batch_size: int, st
         rows = data["image_index"][chosen]
         batch, _ = model.prepare({"input_ids": data["input_ids"][chosen],
                                   "attention_mask": data["attention_mask"][chosen], **image_inputs(data, rows)})
-        yield {**batch, "loss_mask": data["loss_mask"][chosen], "patch_labels": data["patch_labels"][rows]}
+        yield {**batch, "loss_mask": data["loss_mask"][chosen], "patch_labels": data["patch_labels"][rows],
+               "patch_weights": data["patch_weights"][rows]}
 
 
 def image_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
@@ -407,7 +420,7 @@ def image_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: in
     for chosen in _epochs(n_images, batch_size, steps, seed):
         batch, _ = model.prepare({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids, bool),
                                   **image_inputs(data, chosen)})
-        yield {**batch, "patch_labels": data["patch_labels"][chosen]}
+        yield {**batch, "patch_labels": data["patch_labels"][chosen], "patch_weights": data["patch_weights"][chosen]}
 
 
 def fit(params, loss_fn, batch_stream, steps: int, learning_rate: float, cfg: TrainConfig, desc: str,
@@ -490,7 +503,8 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
         processor = build_processor(cfg)
         init_hf_model(cfg, processor, init_dir)
         model = vlmjax.load(init_dir, progress=False)
-        data = encode(processor, images, conversations(train_questions, cfg.seed), token_side(cfg))
+        data = encode(processor, images, conversations(train_questions, cfg.seed), token_side(cfg),
+                      cfg.label_objects, cfg.label_min_fraction)
         params, history = train(model, data, cfg, progress)
         train_seconds = time.perf_counter() - started
         save_hf(params, model.config, model.hf_config, out_dir, source_dir=init_dir)
