@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", help="image folder for --pope")
     p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
-    p.add_argument("--n-images", type=int, default=100, help="images to generate when no dataset is given")
+    p.add_argument("--n-images", type=int, default=300,
+                   help="images to generate when no dataset is given (a fifth are the test images asked about)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--null-image", choices=["black", "gray"], help="replace every image (does the model look?)")

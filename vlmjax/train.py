@@ -154,7 +154,8 @@ def hf_config(cfg: TrainConfig, tokenizer):
                               image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
     return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text),
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
-                       vision_feature_select_strategy="default", tie_word_embeddings=True)
+                       vision_feature_select_strategy="default", tie_word_embeddings=True,
+                       image_seq_length=(cfg.image_size // cfg.patch_size) ** 2)
 
 
 def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
