@@ -16,7 +16,7 @@ from vlmjax.generate import generate
 from vlmjax.inputs import image_placeholder, load_processor
 from vlmjax.reference import load_hf_model
 
-BUILTINS = ("llava-shapes",)
+BUILTINS = ("llava-shapes", "qwen2-vl-shapes")
 
 
 def test_the_built_in_models_are_shipped():
@@ -69,7 +69,7 @@ def training_heldout():
     return images, questions["test"][::18]
 
 
-@pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.95)])
+@pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.95), ("qwen2-vl-shapes", 0.9)])
 def test_answers_held_out_questions(name, least_accuracy, training_heldout):
     images, questions = training_heldout
     model = vlmjax.load(f"builtin:{name}", progress=False)
@@ -78,7 +78,7 @@ def test_answers_held_out_questions(name, least_accuracy, training_heldout):
     assert result["accuracy"] >= least_accuracy
 
 
-@pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.85)])
+@pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.85), ("qwen2-vl-shapes", 0.85)])
 def test_looks_at_the_image(name, least_accuracy, heldout, tmp_path):
     """On a set from another seed (another category prior, so a prior learned in training helps little), through
     the evaluation path of `vlmjax eval`: well above chance with the images, chance with black ones."""
