@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from vlmjax.data import shapes
 from vlmjax.eval.pope import pope_metrics, yes_probability
+from vlmjax.eval.run import answer_token_ids
 from vlmjax.inputs import image_placeholder
 from vlmjax.models import llava, qwen2_vl
 from vlmjax.models.llava import merge_image_features
@@ -349,9 +350,8 @@ def training_forward(model, params, batch: dict, logits: str | None) -> dict:
         features = features.reshape(1, -1, features.shape[-1])
         return merge_image_features(x, batch["input_ids"], features, cfg.image_token_id), features
 
-    out = llava.language_forward(params, inputs, model.config, None, add_images, rotary=qwen2_vl.rotary_mrope,
-                                 logits=logits)
-    return out
+    return llava.language_forward(params, inputs, model.config, None, add_images, rotary=qwen2_vl.rotary_mrope,
+                                  logits=logits)
 
 
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
@@ -463,16 +463,12 @@ def train(model, data: dict[str, np.ndarray], cfg: TrainConfig, progress: bool =
 # ------------------------------------------------------------------------------------------------------ evaluation
 
 
-def yes_no_token_ids(tokenizer) -> tuple[list[int], list[int]]:
-    return [tokenizer.convert_tokens_to_ids("yes")], [tokenizer.convert_tokens_to_ids("no")]
-
-
 def evaluate_yes_no(model, processor, images: dict[str, Image.Image], questions: Sequence[shapes.Sample],
                     black_images: bool = False, batch_size: int = 64) -> dict:
     """First-token POPE scoring: p_yes from the yes/no logits after ``ASSISTANT:``; ``pope_metrics`` of the
     decisions (p_yes >= 0.5) plus ``p_yes``. With ``black_images`` every image is replaced by a black one."""
     processor.tokenizer.padding_side = "left"
-    yes_ids, no_ids = yes_no_token_ids(processor.tokenizer)
+    yes_ids, no_ids = (answer_token_ids(processor.tokenizer, word) for word in ("yes", "no"))
     p_yes = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
