@@ -26,8 +26,9 @@ def prepared(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     train.init_hf_model(cfg, processor, path)
     model = vlmjax.load(path, progress=False)
+    weights = train.answer_weights(questions["train"]) if cfg.balance_answers else None
     data = train.encode(processor, images, train.conversations(questions["train"], cfg.seed), train.token_side(cfg),
-                        cfg.label_objects, cfg.label_min_fraction)
+                        cfg.label_objects, cfg.label_min_fraction, weights)
     return cfg, model, data
 
 
@@ -50,7 +51,7 @@ def test_batches_carry_reply_masks_and_one_label_row_per_visual_token(prepared):
     np.testing.assert_allclose(weights.sum(-1)[weights.sum(-1) > 0], 1, rtol=1e-6)
     assert ((batch["patch_labels"][..., 0] >= 0) == (weights > 0)).all()
     assert (batch["input_ids"] == model.config.image_token_id).sum(axis=1).tolist() == [n_tokens] * 4
-    replies = batch["input_ids"][batch["loss_mask"]]
+    replies = batch["input_ids"][batch["loss_weights"] > 0]
     eos = model.hf_config.text_config.eos_token_id
     assert (replies == eos).sum() == (batch["input_ids"] == eos).sum()  # every reply ends with a learned </s>
     assert model.config.image_token_id not in replies.tolist()
@@ -105,3 +106,31 @@ def test_patch_labels_give_each_object_its_pixel_share():
     assert labels[0].tolist() == [ids("red", "square")] and weights[0].tolist() == [1]
     labels, weights = train.patch_labels(Image.fromarray(pixels), objects, 8, tokenizer)
     assert labels[:, 0, 0].tolist() == [*ids("red", "red", "blue"), -1] and weights[:, 0].tolist() == [1, 1, 1, 0]
+
+
+def test_answer_weights_make_every_category_as_often_yes_as_no(prepared):
+    cfg, model, data = prepared
+    _, questions = train.shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, cfg.tasks)
+    pope = [q for q in questions["train"] if q.question_type == "pope"]
+    weights = train.answer_weights(pope)
+    mass: dict = {}
+    for q in pope:
+        key = (q.target["colour"], q.target["shape"])
+        mass.setdefault(key, {"yes": 0.0, "no": 0.0})[q.answer] += weights[(*key, q.answer)]
+    unbalanced = [m for m in mass.values() if m["yes"] and m["no"]]
+    assert unbalanced and all(abs(m["yes"] - m["no"]) < 1e-9 for m in unbalanced)
+    assert np.mean([weights[(q.target["colour"], q.target["shape"], q.answer)] for q in pope]) == pytest.approx(1)
+    assert len(set(weights.values())) > 2  # the generated questions are not balanced by category
+
+
+def test_loss_weights_put_each_pope_weight_on_its_yes_no_token(prepared):
+    cfg, model, data = prepared
+    tokenizer = train.build_processor(cfg).tokenizer
+    if not cfg.balance_answers:
+        assert set(np.unique(data["loss_weights"])) <= {0.0, 1.0}
+        return
+    yes_no = np.isin(data["input_ids"], tokenizer.convert_tokens_to_ids(["yes", "no"]))
+    weighted = (data["loss_weights"] != 0) & (data["loss_weights"] != 1)
+    assert weighted.any() and not (weighted & ~yes_no).any()
+    starts = train.reply_starts(data["input_ids"], tokenizer)
+    assert not (yes_no & (data["loss_weights"] > 0) & ~starts).any()  # yes/no replies are one token

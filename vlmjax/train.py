@@ -78,6 +78,7 @@ class TrainConfig:
     label_objects: int = 1  # objects per visual token in the grounding target (see patch_labels)
     label_min_fraction: float = 0.125
     alignment_steps: int = 3000
+    balance_answers: bool = True  # weight yes/no replies so each category is as often "yes" as "no" (answer_weights)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -88,7 +89,9 @@ class TrainConfig:
 PRESETS = {
     "llava-shapes": TrainConfig(),
     # 2x2-merged tokens of 16 pixels often show parts of several objects: each gets its share of the target.
-    "qwen2-vl-shapes": TrainConfig(family="qwen2_vl", label_objects=3, label_min_fraction=0.05),
+    # Trained before answer balancing existed; balance_answers=False reproduces it.
+    "qwen2-vl-shapes": TrainConfig(family="qwen2_vl", label_objects=3, label_min_fraction=0.05,
+                                   balance_answers=False),
 }
 
 
@@ -237,6 +240,26 @@ def patch_labels(image: Image.Image, objects: Sequence[shapes.ShapeObject], patc
     return labels, weights
 
 
+def answer_weights(questions: Sequence[shapes.Sample]) -> dict[tuple[str, str, str], float]:
+    """Loss weight of each (colour, shape, answer) of the POPE questions: n_c / (2 n_{c,answer}), so that in the
+    weighted loss every category is "yes" exactly as often as "no" (the mean weight stays 1; a category asked with
+    one answer only keeps weight 1).
+
+    POPE's negative sampling makes the answer depend on the category alone: categories asked as "popular" negatives
+    are mostly "no", rare ones mostly "yes" (30% to 76% "yes" by category on the built-in training set). Unweighted,
+    a model learns that prior and answers from the question without the image (off chance on black images, and
+    wrong on another seed's dataset, whose prior differs)."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for q in questions:
+        if q.question_type == "pope":
+            key = (q.target["colour"], q.target["shape"], q.answer)
+            counts[key] = counts.get(key, 0) + 1
+    totals: dict[tuple[str, str], int] = {}
+    for (colour, shape, _), n in counts.items():
+        totals[colour, shape] = totals.get((colour, shape), 0) + n
+    return {key: totals[key[:2]] / (2 * n) if n < totals[key[:2]] else 1.0 for key, n in counts.items()}
+
+
 def conversations(questions: Sequence[shapes.Sample], seed: int) -> list[list[shapes.Sample]]:
     """One conversation per image and POPE split: that split's yes/no questions in a seeded random order, then the
     image's other questions (describe, attribute), last so that their answers never give a yes/no answer away.
@@ -261,22 +284,44 @@ def conversation_text(turns: Sequence[shapes.Sample], eos: str, image: str) -> s
             + "".join(f" USER: {q.question} ASSISTANT: {q.answer}{eos}" for q in rest))
 
 
-def reply_mask(input_ids: np.ndarray, tokenizer) -> np.ndarray:
-    """True on the assistant's reply tokens: from just after each ``ASSISTANT :`` through the next ``</s>``."""
+def reply_starts(input_ids: np.ndarray, tokenizer) -> np.ndarray:
+    """True on each reply's first token (just after ``ASSISTANT :``)."""
     assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
     starts = np.zeros(input_ids.shape, bool)
     starts[:, 2:] = (input_ids[:, :-2] == assistant) & (input_ids[:, 1:-1] == colon)
+    return starts
+
+
+def reply_mask(input_ids: np.ndarray, tokenizer) -> np.ndarray:
+    """True on the assistant's reply tokens: from just after each ``ASSISTANT :`` through the next ``</s>``."""
     is_eos = input_ids == tokenizer.eos_token_id
-    return np.cumsum(starts, axis=1) > np.cumsum(is_eos, axis=1) - is_eos
+    return np.cumsum(reply_starts(input_ids, tokenizer), axis=1) > np.cumsum(is_eos, axis=1) - is_eos
+
+
+def loss_weights(input_ids: np.ndarray, dialogues: Sequence[Sequence[shapes.Sample]], tokenizer,
+                 weights: dict[tuple[str, str, str], float] | None) -> np.ndarray:
+    """Per-token answer-loss weights: 1 on reply tokens, 0 elsewhere, and on the yes/no token of each POPE turn
+    its ``answer_weights`` entry (when ``weights`` is given)."""
+    mask = reply_mask(input_ids, tokenizer).astype(np.float32)
+    if weights is None:
+        return mask
+    for row, (starts, turns) in enumerate(zip(reply_starts(input_ids, tokenizer), dialogues)):
+        positions = np.flatnonzero(starts)
+        assert len(positions) == len(turns), "one reply per turn"
+        for position, q in zip(positions, turns):
+            if q.question_type == "pope":
+                mask[row, position] = weights[q.target["colour"], q.target["shape"], q.answer]
+    return mask
 
 
 def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequence[shapes.Sample]],
-           token_side: int, label_objects: int = 1, label_min_fraction: float = 0.125) -> dict:
+           token_side: int, label_objects: int = 1, label_min_fraction: float = 0.125,
+           answer_balance: dict[tuple[str, str, str], float] | None = None) -> dict:
     """Training arrays from processor outputs: per image, ``pixel_values`` (Qwen2-VL: [images, patches, dim] and
     ``image_grid_thw``), ``patch_labels`` and ``patch_weights`` (per visual token of ``token_side`` pixels, see
-    ``patch_labels``); per conversation,
-    left-padded ``input_ids`` / ``attention_mask``, ``loss_mask`` (the reply tokens) and ``image_index`` (its
-    image's row)."""
+    ``patch_labels``); per conversation, left-padded ``input_ids`` / ``attention_mask``, ``loss_weights`` (the
+    reply tokens, yes/no ones weighted by ``answer_balance``, see ``loss_weights``) and ``image_index`` (its image's
+    row)."""
     tokenizer = processor.tokenizer
     names = sorted({turns[0].image for turns in dialogues})
     row = {name: i for i, name in enumerate(names)}
@@ -291,12 +336,13 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
     labels, weights = (np.stack(a) for a in zip(*(
         patch_labels(images[n], by_image[n][0][0].objects, token_side, tokenizer, label_objects, label_min_fraction)
         for n in names)))
-    sequences, image_index = [], []
+    sequences, image_index, ordered = [], [], []
     for name, group in by_image.items():
         texts = [conversation_text(turns, tokenizer.eos_token, image_placeholder(processor)) for turns in group]
         out = processor(images=[images[name]] * len(group), text=texts, return_tensors="np", padding="longest")
         sequences += [ids[mask.astype(bool)] for ids, mask in zip(out["input_ids"], out["attention_mask"])]
         image_index += [row[name]] * len(group)
+        ordered += group
     length = max(len(s) for s in sequences)
     input_ids = np.full((len(sequences), length), tokenizer.pad_token_id, np.int32)
     attention_mask = np.zeros((len(sequences), length), bool)
@@ -304,7 +350,8 @@ def encode(processor, images: dict[str, Image.Image], dialogues: Sequence[Sequen
         input_ids[i, length - len(sequence):] = sequence
         attention_mask[i, length - len(sequence):] = True
     return {**per_image, "patch_labels": labels, "patch_weights": weights, "input_ids": input_ids,
-            "attention_mask": attention_mask, "loss_mask": reply_mask(input_ids, tokenizer),
+            "attention_mask": attention_mask,
+            "loss_weights": loss_weights(input_ids, ordered, tokenizer, answer_balance),
             "image_index": np.asarray(image_index)}
 
 
@@ -329,7 +376,7 @@ def grounding_loss(params, image_features: jax.Array, labels: jax.Array, weights
 
 def model_batch(batch: dict) -> dict:
     """The model's part of a training batch (without the loss targets)."""
-    return {k: v for k, v in batch.items() if k not in ("loss_mask", "patch_labels", "patch_weights")}
+    return {k: v for k, v in batch.items() if k not in ("loss_weights", "patch_labels", "patch_weights")}
 
 
 def training_forward(model, params, batch: dict, logits: str | None) -> dict:
@@ -355,11 +402,12 @@ def training_forward(model, params, batch: dict, logits: str | None) -> dict:
 
 
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
-    """Answer loss (mean cross-entropy of the reply tokens given everything before them) plus
+    """Answer loss (cross-entropy of the reply tokens given everything before them, averaged with the batch's
+    ``loss_weights``) plus
     ``grounding_weight`` x ``grounding_loss``; returns (total, {"answer": ..., "grounding": ...})."""
     out = training_forward(model, params, batch, logits="all")
     log_probs = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32))
-    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+    targets, mask = batch["input_ids"][:, 1:], batch["loss_weights"][:, 1:]
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     answer = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
     grounding = grounding_loss(params, out["image_features"], batch["patch_labels"], batch["patch_weights"])
@@ -410,7 +458,7 @@ def conversation_batches(model, data: dict[str, np.ndarray], batch_size: int, st
         rows = data["image_index"][chosen]
         batch, _ = model.prepare({"input_ids": data["input_ids"][chosen],
                                   "attention_mask": data["attention_mask"][chosen], **image_inputs(data, rows)})
-        yield {**batch, "loss_mask": data["loss_mask"][chosen], "patch_labels": data["patch_labels"][rows],
+        yield {**batch, "loss_weights": data["loss_weights"][chosen], "patch_labels": data["patch_labels"][rows],
                "patch_weights": data["patch_weights"][rows]}
 
 
@@ -500,17 +548,18 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
         processor = build_processor(cfg)
         init_hf_model(cfg, processor, init_dir)
         model = vlmjax.load(init_dir, progress=False)
+        weights = answer_weights(train_questions) if cfg.balance_answers else None
         data = encode(processor, images, conversations(train_questions, cfg.seed), token_side(cfg),
-                      cfg.label_objects, cfg.label_min_fraction)
+                      cfg.label_objects, cfg.label_min_fraction, weights)
         params, history = train(model, data, cfg, progress)
         train_seconds = time.perf_counter() - started
         save_hf(params, model.config, model.hf_config, out_dir, source_dir=init_dir)
     trained = vlmjax.load(out_dir, progress=False)
     real = evaluate_yes_no(trained, processor, images, test_questions)
     black = evaluate_yes_no(trained, processor, images, test_questions, black_images=True)
-    by_split = {split: float(np.mean([(p >= 0.5) == (q.answer == "yes")
-                                      for p, q in zip(real["p_yes"], test_questions) if q.split == split]))
-                for split in shapes.POPE_SPLITS}
+    by_split = lambda result: {split: float(np.mean([(p >= 0.5) == (q.answer == "yes")
+                                                     for p, q in zip(result["p_yes"], test_questions)
+                                                     if q.split == split])) for split in shapes.POPE_SPLITS}
     report = {"config": dataclasses.asdict(cfg), "parameters": parameter_count(params),
               "train_questions": len(train_questions), "train_images": len(data["pixel_values"]),
               "test_questions": len(test_questions), "train_seconds": round(train_seconds, 1),
@@ -521,9 +570,10 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
               "loss_curves_per_100_steps": {f"{stage}.{part}": [round(float(np.mean(v[i:i + 100])), 4)
                                                                  for i in range(0, len(v), 100)]
                                             for stage, parts in history.items() for part, v in parts.items()},
-              "test_accuracy": real["accuracy"], "test_accuracy_by_split": by_split,
+              "test_accuracy": real["accuracy"], "test_accuracy_by_split": by_split(real),
               "test_f1": real["f1"], "test_yes_ratio": real["yes_ratio"],
-              "black_image_accuracy": black["accuracy"], "black_image_yes_ratio": black["yes_ratio"]}
+              "black_image_accuracy": black["accuracy"], "black_image_accuracy_by_split": by_split(black),
+              "black_image_yes_ratio": black["yes_ratio"]}
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=1))
     return report
 
