@@ -83,6 +83,10 @@ def test_command_line_overrides_the_preset(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run", lambda cfg, out: seen.update(cfg=cfg, out=out) or {})
     train.main(["--preset", "qwen2-vl-shapes", "--out", str(tmp_path), "--steps", "7", "--tasks", "pope"])
     assert seen["cfg"] == dataclasses.replace(train.PRESETS["qwen2-vl-shapes"], steps=7, tasks=("pope",))
+    train.main(["--preset", "qwen2-vl-shapes", "--out", str(tmp_path), "--balance-answers"])
+    assert seen["cfg"].balance_answers and not train.PRESETS["qwen2-vl-shapes"].balance_answers
+    train.main(["--out", str(tmp_path), "--no-balance-answers"])
+    assert not seen["cfg"].balance_answers and train.PRESETS["llava-shapes"].balance_answers
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--tasks", "pope,dance"])
 

@@ -590,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.add_argument(flag, help=f"comma-separated subset of {TASKS}")
         elif field.name == "family":
             parser.add_argument(flag, choices=FAMILIES)
+        elif isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             parser.add_argument(flag, type=type(field.default))
     args = vars(parser.parse_args(argv))
