@@ -69,19 +69,21 @@ def test_greedy_matches_hf_generate(name, heldout):
 
 @pytest.fixture(scope="module")
 def training_heldout():
-    """The built-in models' own held-out split: the test images of their training seed's shapes world (same
-    category prior, images never trained on), every 3rd POPE question (7,138 of 21,414, all three splits: a
-    standard error of about 0.2% on the accuracy)."""
+    """The built-in models' own held-out split: the 21,414 POPE questions about the test images of their training
+    seed's shapes world (same category prior, images never trained on)."""
     cfg = train.PRESETS["llava-shapes"]
     images, questions = train.shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, ("pope",))
-    return images, questions["test"][::3]
+    return images, questions["test"]
 
 
-@pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.95), ("qwen2-vl-shapes", 0.9)])
-def test_answers_held_out_questions_from_the_image(name, least_accuracy, training_heldout):
+# Every `stride`-th held-out question: LLaVA's bar is 1.3 points below its full-split accuracy, so it gets 7,138
+# questions (standard error about 0.2 points; 1,190 gave 94.96% for a model at 96.3%); Qwen2-VL's is 4.5 below.
+@pytest.mark.parametrize("name, least_accuracy, stride", [("llava-shapes", 0.95, 3), ("qwen2-vl-shapes", 0.9, 18)])
+def test_answers_held_out_questions_from_the_image(name, least_accuracy, stride, training_heldout):
     """Accurate with the images; chance (50 +- 5%) when every image is black, so the answers come from the image,
     not from a prior over the question's category."""
     images, questions = training_heldout
+    questions = questions[::stride]
     model = vlmjax.load(f"builtin:{name}", progress=False)
     processor = load_processor(model.path)
     result = train.evaluate_yes_no(model, processor, images, questions)
