@@ -10,7 +10,8 @@ loads it with ``vlmjax.load`` and trains it with optax (AdamW, warmup then cosin
    embeddings, towards the colour and shape words of the object it shows (``grounding_loss``), training the vision
    tower and projector the way LLaVA's first stage trains its projector;
 2. instruction tuning: multi-turn conversations per image (POPE yes/no questions, then "Describe the image."), loss
-   on the reply tokens, plus the grounding loss.
+   on the reply tokens (each yes/no reply weighted so that every category is as often "yes" as "no",
+   ``answer_weights``), plus the grounding loss.
 
 Prompts have the evaluation form ``USER: <image> Is there a red circle in the image? ASSISTANT: yes</s>``. The
 trained parameters are written with ``converters.hf.save_hf``, so ``vlmjax.load(DIR)`` and HF ``from_pretrained(DIR)``
@@ -404,8 +405,8 @@ def training_forward(model, params, batch: dict, logits: str | None) -> dict:
 
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
     """Answer loss (cross-entropy of the reply tokens given everything before them, averaged with the batch's
-    ``loss_weights``) plus
-    ``grounding_weight`` x ``grounding_loss``; returns (total, {"answer": ..., "grounding": ...})."""
+    ``loss_weights``) plus ``grounding_weight`` x ``grounding_loss``; returns (total, {"answer": ..., "grounding":
+    ...})."""
     out = training_forward(model, params, batch, logits="all")
     log_probs = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32))
     targets, mask = batch["input_ids"][:, 1:], batch["loss_weights"][:, 1:]
