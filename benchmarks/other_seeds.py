@@ -12,7 +12,7 @@ from vlmjax.eval.pope import score_pope
 from vlmjax.eval.run import evaluate_pope, load_shapes_pope
 from vlmjax.inputs import load_processor
 
-SETS = {1234: 300, 4321: 150, 777: 300}  # seed: images (1234/300 is `vlmjax eval`'s default, 4321/150 the tests')
+SETS = {1234: 300, 4321: 150, 777: 300}  # seed: images (1234/300 is `vlmjax eval`'s default)
 
 
 def main(model_dir: str, out_path: str) -> dict:

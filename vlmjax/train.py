@@ -27,6 +27,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -251,14 +252,10 @@ def answer_weights(questions: Sequence[shapes.Sample]) -> dict[tuple[str, str, s
     are mostly "no", rare ones mostly "yes" (30% to 76% "yes" by category on the built-in training set). Unweighted,
     a model learns that prior and answers from the question without the image (off chance on black images, and
     wrong on another seed's dataset, whose prior differs)."""
-    counts: dict[tuple[str, str, str], int] = {}
-    for q in questions:
-        if q.question_type == "pope":
-            key = (q.target["colour"], q.target["shape"], q.answer)
-            counts[key] = counts.get(key, 0) + 1
-    totals: dict[tuple[str, str], int] = {}
+    counts = Counter((q.target["colour"], q.target["shape"], q.answer) for q in questions if q.question_type == "pope")
+    totals: Counter = Counter()
     for (colour, shape, _), n in counts.items():
-        totals[colour, shape] = totals.get((colour, shape), 0) + n
+        totals[colour, shape] += n
     return {key: totals[key[:2]] / (2 * n) if n < totals[key[:2]] else 1.0 for key, n in counts.items()}
 
 
@@ -294,21 +291,18 @@ def reply_starts(input_ids: np.ndarray, tokenizer) -> np.ndarray:
     return starts
 
 
-def reply_mask(input_ids: np.ndarray, tokenizer) -> np.ndarray:
-    """True on the assistant's reply tokens: from just after each ``ASSISTANT :`` through the next ``</s>``."""
-    is_eos = input_ids == tokenizer.eos_token_id
-    return np.cumsum(reply_starts(input_ids, tokenizer), axis=1) > np.cumsum(is_eos, axis=1) - is_eos
-
-
 def loss_weights(input_ids: np.ndarray, dialogues: Sequence[Sequence[shapes.Sample]], tokenizer,
                  weights: dict[tuple[str, str, str], float] | None) -> np.ndarray:
-    """Per-token answer-loss weights: 1 on reply tokens, 0 elsewhere, and on the yes/no token of each POPE turn
-    its ``answer_weights`` entry (when ``weights`` is given)."""
-    mask = reply_mask(input_ids, tokenizer).astype(np.float32)
+    """Per-token answer-loss weights: 1 on the assistant's reply tokens (from just after each ``ASSISTANT :``
+    through the next ``</s>``), 0 elsewhere, and on the yes/no token of each POPE turn its ``answer_weights`` entry
+    (when ``weights`` is given)."""
+    starts = reply_starts(input_ids, tokenizer)
+    is_eos = input_ids == tokenizer.eos_token_id
+    mask = (np.cumsum(starts, axis=1) > np.cumsum(is_eos, axis=1) - is_eos).astype(np.float32)
     if weights is None:
         return mask
-    for row, (starts, turns) in enumerate(zip(reply_starts(input_ids, tokenizer), dialogues)):
-        positions = np.flatnonzero(starts)
+    for row, turns in enumerate(dialogues):
+        positions = np.flatnonzero(starts[row])
         assert len(positions) == len(turns), "one reply per turn"
         for position, q in zip(positions, turns):
             if q.question_type == "pope":
