@@ -1,4 +1,4 @@
-"""Seed 001: fusion layers, the review layer and contrastive-attention refinement (SPEC.md section 2), on any VLM.
+"""Seed 001: fusion layers, the review layer and contrastive-attention refinement (docs/methods.md §2), on any VLM.
 
 Phase 1, layer-wise visual masking: for every layer l, the visual hidden states are zeroed at l's input (one
 compiled sweep over the one-hot layer vectors, the vision tower run once per batch) and first-token p(yes) is

@@ -1,4 +1,4 @@
-"""Seed 000: the visual neglect zone, VIAR and the language-prior readout (SPEC.md section 1), on any VLM.
+"""Seed 000: the visual neglect zone, VIAR and the language-prior readout (docs/methods.md §1), on any VLM.
 
 Per POPE-style question, in one compiled forward over (real image, null image) pairs: the per-layer visual fraction
 (the U-curve), text-to-visual mass (all text queries and the last one) and the residual-update cosine between the

@@ -1,4 +1,4 @@
-"""Seed 004: does attention predict reliability? (SPEC.md section 5) — attention-map structure vs correctness,
+"""Seed 004: does attention predict reliability? (docs/methods.md §5) — attention-map structure vs correctness,
 top-30% patch masking, linear probes on hidden states, and ablation of the probe's top residual dimensions.
 
 Phase 1, one compiled forward per batch: first-token p(yes), every layer's last-token residual (`HiddenStates`)

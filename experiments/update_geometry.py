@@ -1,4 +1,4 @@
-"""Seed 002: information geometry of residual updates and noise substitution (SPEC.md section 3), on any VLM.
+"""Seed 002: information geometry of residual updates and noise substitution (docs/methods.md §3), on any VLM.
 
 For each condition — the plain model, Noise-Δ (every attention update replaced by Gaussian noise of its per-token
 RMS) and Noise-QKV (Q/K/V computed with Gaussian weights of each matrix's std), each on all tokens or on visual

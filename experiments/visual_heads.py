@@ -1,4 +1,4 @@
-"""Seed 003: visual heads (SPEC.md section 4) — per-head attention weight on the image and concentration at the
+"""Seed 003: visual heads (docs/methods.md §4) — per-head attention weight on the image and concentration at the
 answer's query, the head detection score, and the cost of masking a stage's top-k heads vs k random other heads.
 
 Phase 1: each question is run with its greedy first answer token appended, so the last position is the answer's

@@ -476,7 +476,7 @@ def test_null_image_equals_processed_uniform_image(setup, kind, level):
 
 
 def test_vcd_noise_matches_the_vcd_formula():
-    """SPEC §6 in float64 with the same standard-normal draw; VCD's own torch code (float32 tables) agrees with the
+    """methods §6 in float64 with the same standard-normal draw; VCD's own torch code (float32 tables) agrees with the
     schedule to its float32 rounding."""
     pixel_values = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
     key = jax.random.PRNGKey(3)

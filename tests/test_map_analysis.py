@@ -1,4 +1,4 @@
-"""RoPE baseline probe and the host-side map analysis of SPEC sections 2 and 5."""
+"""RoPE baseline probe and the host-side map analysis of docs/methods.md §2 and §5."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -58,7 +58,7 @@ def _next_token(logits, key, do_sample: bool, temperature: float, top_p: float):
 
 
 def contrastive_logits(real, distorted, alpha, beta):
-    """VCD (SPEC.md section 6): (1 + a) l(v) - a l(v'), with tokens below log(beta) + max l(v) cut to -inf."""
+    """VCD (docs/methods.md §6): (1 + a) l(v) - a l(v'), with tokens below log(beta) + max l(v) cut to -inf."""
     cutoff = jnp.log(beta) + jnp.max(real, axis=-1, keepdims=True)
     return jnp.where(real < cutoff, -jnp.inf, (1 + alpha) * real - alpha * distorted)
 

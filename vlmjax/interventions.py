@@ -1,4 +1,4 @@
-"""Interventions on the forward pass as hooks (SPEC §1-§6), and input transforms for null / noised images.
+"""Interventions on the forward pass as hooks (methods §1-§6), and input transforms for null / noised images.
 
 Every intervention is a `Hook` (see `vlmjax.hooks`): its continuous parameters are traced array fields (one compiled
 forward serves every value: sweeps under `jax.vmap`, gradients with respect to them), per-layer parameters carry a
@@ -99,7 +99,7 @@ class Intervention(Hook):
 
 
 class AttentionBias(Intervention):
-    """VIAR (SPEC §1): add `bias[l]` to the pre-softmax scores of every query at visual keys, at each layer l.
+    """VIAR (methods §1): add `bias[l]` to the pre-softmax scores of every query at visual keys, at each layer l.
 
     `first_columns` (compatibility option, static): add it to the first K key columns whatever they hold, as the
     original VIAR code did with K = 576; use only to reproduce a published number. Site: attn.scores."""
@@ -129,7 +129,7 @@ class AttentionBias(Intervention):
 
 
 class BlockTextToVisual(Intervention):
-    """Block text-to-visual attention (SPEC §2 masking): at active layers, every non-visual query's scores at visual
+    """Block text-to-visual attention (methods §2 masking): at active layers, every non-visual query's scores at visual
     keys are set to finfo.min. Site: attn.scores."""
 
     per_layer = ("active",)
@@ -150,7 +150,7 @@ class BlockTextToVisual(Intervention):
 
 
 class RemoveVisualTokens(Intervention):
-    """Remove chosen visual tokens from attention (SPEC §5): at active layers (default: all) their key columns are set
+    """Remove chosen visual tokens from attention (methods §5): at active layers (default: all) their key columns are set
     to finfo.min for every query, so no token reads from them. Site: attn.scores."""
 
     per_layer = ("active",)
@@ -164,7 +164,7 @@ class RemoveVisualTokens(Intervention):
     @classmethod
     def top_attended(cls, num_layers: int, visual_map, meta, fraction: float = 0.3, layers=None):
         """The top `fraction` of each sample's patches by a visual attention map [B, N] (e.g. a
-        `vlmjax.probes.LastQueryVisualMap` record of one layer), as SPEC §5's top-30% masking. One image per sample."""
+        `vlmjax.probes.LastQueryVisualMap` record of one layer), as methods §5's top-30% masking. One image per sample."""
         rows, cols = np.asarray(meta.grid_row), np.asarray(meta.grid_col)
         grids = {image.grid for image in meta.images}
         if len(grids) != 1 or len(meta.images) != len(rows):
@@ -192,7 +192,7 @@ HEAD_MASK_MODES = ("uniform", "zero_output")
 
 
 class HeadMask(Intervention):
-    """Head masking (SPEC §4) with a traced keep mask [L, H] (1 = keep, 0 = masked; values in between interpolate
+    """Head masking (methods §4) with a traced keep mask [L, H] (1 = keep, 0 = masked; values in between interpolate
     `keep * x + (1 - keep) * masked`, so d output / d keep is a head attribution).
 
     mode "uniform" (the original code's convention): the head's allowed scores are set to 0 after the causal mask
@@ -231,7 +231,7 @@ class HeadMask(Intervention):
 
 
 class ZeroVisualStates(Intervention):
-    """Layer-wise visual masking (SPEC §2): the hidden states at visual positions are set to zero at the input of each
+    """Layer-wise visual masking (methods §2): the hidden states at visual positions are set to zero at the input of each
     active layer (usually one). Site: resid_pre."""
 
     per_layer = ("active",)
@@ -251,7 +251,7 @@ class ZeroVisualStates(Intervention):
 
 
 class ScaleVisualStates(Intervention):
-    """Soft mask (SPEC §2): the hidden states of chosen visual tokens are multiplied by `scale` at the input of each
+    """Soft mask (methods §2): the hidden states of chosen visual tokens are multiplied by `scale` at the input of each
     active layer (the review layer in the paper; scale 0.5 by default [inferred]). Site: resid_pre."""
 
     per_layer = ("active",)
@@ -279,7 +279,7 @@ ABLATION_SITES = ("mlp.hidden", *RESIDUAL_SITES)
 
 
 class NeuronAblation(Intervention):
-    """Neuron ablation (SPEC §5): `keep * x + (1 - keep) * replacement` on the last axis of a site, at every position.
+    """Neuron ablation (methods §5): `keep * x + (1 - keep) * replacement` on the last axis of a site, at every position.
     keep [L, W] is 1 for untouched units; replacement is 0 (zero ablation) or a mean activation (mean ablation).
     Sites: mlp.hidden (MLP neurons, W = intermediate size) or a residual site (residual dims, W = hidden size)."""
 
@@ -353,7 +353,7 @@ class ActivationPatch(Intervention):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Noise substitution (SPEC §3)
+# Noise substitution (methods §3)
 
 
 def _scope(ctx, visual_only: bool):
@@ -362,7 +362,7 @@ def _scope(ctx, visual_only: bool):
 
 
 class NoiseAttentionOutput(Intervention):
-    """Noise-Δ (SPEC §3): at active layers the attention update (attn.out) is replaced by Gaussian noise whose
+    """Noise-Δ (methods §3): at active layers the attention update (attn.out) is replaced by Gaussian noise whose
     standard deviation is the update's per-token RMS [inferred scale], on all positions or visual ones only.
     The noise of layer l is drawn from `fold_in(key, l)` (see `noise`). Site: attn.out."""
 
@@ -397,7 +397,7 @@ class NoiseAttentionOutput(Intervention):
 
 
 class NoiseQKV(Intervention):
-    """Noise-QKV (SPEC §3): at active layers the query, key and value projections use Gaussian weights with each
+    """Noise-QKV (methods §3): at active layers the query, key and value projections use Gaussian weights with each
     original matrix's std [inferred] (biases kept), applied to the block's normed input (`ctx.earlier["attn.input"]`), on all
     positions or visual ones only. The weights are drawn inside the forward, at active layers only (`lax.cond`),
     from `fold_in(fold_in(key, l), m)`, m = 0, 1, 2 for q, k, v (see `kernel`), so nothing of the model's size is
@@ -448,14 +448,14 @@ class NoiseQKV(Intervention):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Input transforms (SPEC §1 null image, SPEC §6 VCD)
+# Input transforms (methods §1 null image, methods §6 VCD)
 
 NULL_IMAGE_LEVELS = {"black": 0.0, "gray": 128 / 255}  # pixel intensity in [0, 1], as the processor rescales uint8
 
 
 def null_image(pixel_values, kind: str, mean, std) -> jax.Array:
     """A replacement image of the same shape, already normalised as the processor would: every pixel at the level of
-    `kind` ("black": 0, the SPEC §1 null image; "gray": uint8 128), `(level - mean) / std` per channel."""
+    `kind` ("black": 0, the methods §1 null image; "gray": uint8 128), `(level - mean) / std` per channel."""
     if kind not in NULL_IMAGE_LEVELS:
         raise VlmJaxError(f"Null image kind must be one of {sorted(NULL_IMAGE_LEVELS)}, got {kind!r}.")
     pixel_values = jnp.asarray(pixel_values)
@@ -472,7 +472,7 @@ VCD_STEPS = 1000
 
 
 def vcd_noise(pixel_values, key, step: int = 500) -> jax.Array:
-    """VCD's distorted image (SPEC §6): `sqrt(abar_t) x + sqrt(1 - abar_t) eps` on the normalised pixels, with
+    """VCD's distorted image (methods §6): `sqrt(abar_t) x + sqrt(1 - abar_t) eps` on the normalised pixels, with
     `beta = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5`, `abar = cumprod(1 - beta)`, t = `step` (0-based,
     as VCD indexes its tables), eps standard normal from `key`. The schedule is computed in float64 (VCD's float32
     torch.cumprod is off by ~3e-7 relative at t = 500)."""

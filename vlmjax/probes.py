@@ -1,4 +1,4 @@
-"""Metrics and captures as hooks (SPEC §1-§5): per-layer records reduced inside the compiled forward.
+"""Metrics and captures as hooks (methods §1-§5): per-layer records reduced inside the compiled forward.
 
 Each probe reads a block site and returns a small record per layer (e.g. [B, H] instead of the [B, H, N, N]
 pattern), stacked over layers by the layer scan: `out["hooks"][name][site]` is [L, ...] (a dict of such arrays for
@@ -54,7 +54,7 @@ from vlmjax.visual import KIND_NAMES
 
 
 def text_after_image(visual_mask: jax.Array, key_padding: jax.Array) -> jax.Array:
-    """[B, N] bool, SPEC's T: real tokens after each sample's last visual token (all real tokens if it has none)."""
+    """[B, N] bool, methods' T: real tokens after each sample's last visual token (all real tokens if it has none)."""
     index = jnp.arange(visual_mask.shape[1])
     last_visual = jnp.max(jnp.where(visual_mask, index, -1), axis=1)
     return key_padding & (index > last_visual[:, None])
@@ -93,7 +93,7 @@ def _first_query(row: jax.Array) -> jax.Array:
 
 
 class VisualAttention(Hook):
-    """SPEC §1 text-to-visual attention, per layer. Site: attn.pattern. Record (a dict, each [L, ...] after the scan):
+    """methods §1 text-to-visual attention, per layer. Site: attn.pattern. Record (a dict, each [L, ...] after the scan):
     mass [B, H] (`mean_{i in T} sum_{j in V} A[h]`), last_query_mass [B, H] (the same for the last query),
     block_mean [B] (`mean_{h, i in T, j in V} A`, whose mean over the neglect zone is the neglect depth),
     visual_fraction [B] (`m_v / (m_v + m_t)`, heads averaged first) and visual_fraction_per_head [B, H].
@@ -118,7 +118,7 @@ class VisualAttention(Hook):
 
 
 class LastQueryVisualMap(Hook):
-    """SPEC §2 / §5 attention map: the head-mean attention row of the query (default: the last real token), over the
+    """methods §2 / §5 attention map: the head-mean attention row of the query (default: the last real token), over the
     visual keys, renormalised to sum 1. Site: attn.pattern. Record [B, N] per layer (0 at non-visual keys)."""
 
     query_index: Any = None  # [B] int, or None for the last real token
@@ -132,7 +132,7 @@ class LastQueryVisualMap(Hook):
 
 
 class VisualHeadAttention(Hook):
-    """SPEC §4 per-head inputs of the head detection score, at one query per sample (default: the last real token,
+    """methods §4 per-head inputs of the head detection score, at one query per sample (default: the last real token,
     i.e. the answer's query when the answer token is the last one). Site: attn.pattern. Record per layer:
     image_weight [B, H] (`sum_{j in V} A[h, q, j]`), concentration [B, H] (`1 - H(a) / log N_a` over V
     renormalised) and, with a region mask (e.g. a box, see `with_boxes`), region_weight [B, H]."""
@@ -176,7 +176,7 @@ class VisualHeadAttention(Hook):
 
 def head_detection_scores(record: Mapping[str, jax.Array], layer_weight: Callable | None = None,
                           weight: str = "image_weight") -> jax.Array:
-    """SPEC §4 head detection score [L, H] from a VisualHeadAttention record ([L, B, H] arrays): the attention weight
+    """methods §4 head detection score [L, H] from a VisualHeadAttention record ([L, B, H] arrays): the attention weight
     (`weight`: "image_weight" or "region_weight") and the concentration are averaged over samples first, as the
     paper averages them over the data set, then `w * c * f(l)` (`vlmjax.metrics.head_detection_score`)."""
     w = jnp.mean(record[weight], axis=1)
@@ -190,7 +190,7 @@ def head_detection_scores(record: Mapping[str, jax.Array], layer_weight: Callabl
 
 
 class LogitLens(Hook):
-    """SPEC §1 logit lens: each layer's output (resid_post) at chosen positions read through the final norm and the
+    """methods §1 logit lens: each layer's output (resid_post) at chosen positions read through the final norm and the
     unembedding. Site: resid_post. Record per layer: top_ids [B, P, k] int32, top_probs [B, P, k] and, with target
     ids, target_rank [B, P] (0 = top-1) and target_prob [B, P]. The last layer reproduces the model's own output."""
 
@@ -225,7 +225,7 @@ class LogitLens(Hook):
 
 
 class ResidualUpdateCosine(Hook):
-    """SPEC §1 language-prior collapse: `mean_{i in T} cos(h_l[i] - h_{l-1}[i] (real), same (null image))` per layer.
+    """methods §1 language-prior collapse: `mean_{i in T} cos(h_l[i] - h_{l-1}[i] (real), same (null image))` per layer.
     The batch holds the pairs: its first half the real images, its second half the same prompts with null images
     (`paired_inputs`). Site: resid_post (the update against ctx.earlier's resid_pre). Record [B / 2] per layer."""
 
@@ -254,7 +254,7 @@ GEOMETRY_TOKENS = ("all", "visual", "text")
 
 
 class UpdateGeometry(Hook):
-    """SPEC §3 information geometry of the attention update (X = resid_pre, X' = resid_mid) and the MLP update
+    """methods §3 information geometry of the attention update (X = resid_pre, X' = resid_mid) and the MLP update
     (X = resid_mid, X' = resid_post), per sample over its real tokens (`tokens`: all, visual or text ones).
     Sites: resid_mid (attention), resid_post (MLP). Record per site and layer: erank_before, erank_after, rid and
     mix_ig, each [B]. RID's rank is the smallest holding `energy` of X's squared singular values [inferred]."""
@@ -282,7 +282,7 @@ class UpdateGeometry(Hook):
 
 class HiddenStates(Hook):
     """A block site's value at chosen positions (default: the last real token) and, with `only_layers`, only at those
-    layers, e.g. for linear probes (SPEC §5). Record [B, P, ...] per recorded layer."""
+    layers, e.g. for linear probes (methods §5). Record [B, P, ...] per recorded layer."""
 
     positions: Any = None  # [B, P] int, or None for the last real token
     site: str = struct.field(pytree_node=False, default="resid_post")
@@ -297,7 +297,7 @@ class HiddenStates(Hook):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Gradients (SPEC §1 gradient visual importance)
+# Gradients (methods §1 gradient visual importance)
 
 
 class ResidualProbe(Hook):
@@ -339,7 +339,7 @@ def residual_gradients(model, inputs: Mapping[str, Any], target_ids, query_index
 
 def visual_gradient_importance(model, inputs: Mapping[str, Any], target_ids, query_index=None,
                                params=None) -> jax.Array:
-    """SPEC §1 gradient visual importance [L, B]: the mean over each sample's visual positions of the L2 norm of the
+    """methods §1 gradient visual importance [L, B]: the mean over each sample's visual positions of the L2 norm of the
     target logit's gradient with respect to each layer's output (e.g. the first-step "yes" logit)."""
     _, meta = model.prepare(inputs)
     if not np.asarray(meta.mask).any(1).all():
@@ -396,8 +396,8 @@ def read_captures(out: Mapping[str, Any], hooks: Mapping[str, Hook], num_layers:
 
 
 class RopeBaseline(Hook):
-    """SPEC §3 RoPE baseline eps_RoPE = RID(X with rotary | X without), per layer and sample, X being the keys of all
-    heads side by side ([N, KVH * hd], real tokens) [inferred: the SPEC names no tensor; keys are where rotary acts
+    """methods §3 RoPE baseline eps_RoPE = RID(X with rotary | X without), per layer and sample, X being the keys of all
+    heads side by side ([N, KVH * hd], real tokens) [inferred: the methods name no tensor; keys are where rotary acts
     and what attention reads]. Site: attn.rot_k (needs attn.k earlier in the block). Record [B] per layer."""
 
     energy: float = struct.field(pytree_node=False, default=0.99)
@@ -410,7 +410,7 @@ class RopeBaseline(Hook):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Host-side analysis of per-layer attention maps (SPEC §2 and §5)
+# Host-side analysis of per-layer attention maps (methods §2 and §5)
 
 
 def map_grids(maps, meta) -> list[np.ndarray]:
@@ -431,8 +431,8 @@ def map_grids(maps, meta) -> list[np.ndarray]:
 
 
 def map_statistics(maps, meta, fraction: float = 0.3) -> dict[str, np.ndarray]:
-    """SPEC §5 per layer and sample: spatial entropy of the map and the number of connected clusters of its top
-    `fraction` patches; SPEC §2 Hellinger distance between every pair of layers' maps. Shapes [L, B], [L, B],
+    """methods §5 per layer and sample: spatial entropy of the map and the number of connected clusters of its top
+    `fraction` patches; methods §2 Hellinger distance between every pair of layers' maps. Shapes [L, B], [L, B],
     [B, L, L]."""
     maps = np.asarray(maps)
     grids = map_grids(maps, meta)
@@ -444,7 +444,7 @@ def map_statistics(maps, meta, fraction: float = 0.3) -> dict[str, np.ndarray]:
 
 
 def contrastive_mask(maps, visual_mask, fusion_layers: Iterable[int], post_layer: int, percentile: float = 20.0):
-    """SPEC §2 contrastive attention: the pre-integrated layer i* = argmax over `fusion_layers` of H(A_i, A_post),
+    """methods §2 contrastive attention: the pre-integrated layer i* = argmax over `fusion_layers` of H(A_i, A_post),
     C = |A_post - A_i*|, and the visual tokens whose C is below its `percentile`-th percentile (to be scaled down
     at the review layer with `interventions.ScaleVisualStates`). `maps` [L, B, N] from `LastQueryVisualMap`,
     `visual_mask` [B, N] (the metadata's mask). Returns (i* [B], C [B, N], mask [B, N] bool)."""

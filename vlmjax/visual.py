@@ -1,7 +1,7 @@
 """Visual-token metadata: where each sample's image tokens are, which image and patch each one shows.
 
 Computed on the host from input ids and the config's image token id (never a constant span), carried beside the
-batch, and used by every intervention and metric that needs the visual set V of SPEC.md.
+batch, and used by every intervention and metric that needs the visual set V of docs/methods.md.
 """
 
 from __future__ import annotations

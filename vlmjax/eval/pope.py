@@ -1,4 +1,4 @@
-"""POPE scoring exactly as SPEC.md section 6 defines it: the official answer parser, the confusion-matrix metrics with
+"""POPE scoring exactly as docs/methods.md §6 defines it: the official answer parser, the confusion-matrix metrics with
 the yes-ratio of the PREDICTIONS, and first-token calibration (p_yes, Brier score, ECE).
 
 Conventions

@@ -4,7 +4,7 @@ Each sample's record (id, question, label, split, generated answer, p_yes, corre
 soon as its batch is done; a killed run restarted on the same output skips what is already there. Every prompt is
 padded to one length computed over the whole question set, so batches compile once and a sample's numbers do not
 depend on which batch it fell in. Answers are generated greedily with the KV cache and parsed the official POPE way;
-p_yes comes from the first decode step's yes/no logits (SPEC.md section 6).
+p_yes comes from the first decode step's yes/no logits (docs/methods.md §6).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def answer_token_ids(tokenizer, word: str) -> list[int]:
 
 
 def null_image(image: Image.Image, kind: str) -> Image.Image:
-    """An all-black or mid-gray image of the same size (SPEC.md section 1's null image)."""
+    """An all-black or mid-gray image of the same size (docs/methods.md §1's null image)."""
     if kind not in NULL_IMAGES:
         raise VlmJaxError(f"Unknown null image {kind!r}; choose one of {NULL_IMAGES}.")
     return Image.new("RGB", image.size, (0, 0, 0) if kind == "black" else (128, 128, 128))

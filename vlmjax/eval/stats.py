@@ -1,4 +1,4 @@
-"""Statistics the studies use (SPEC.md section 6): McNemar, bootstrap CIs, Cohen's h and power, Beta posteriors,
+"""Statistics the studies use (docs/methods.md §6): McNemar, bootstrap CIs, Cohen's h and power, Beta posteriors,
 point-biserial correlation. All randomness comes from a seeded ``numpy.random.Generator``.
 """
 

@@ -1,4 +1,4 @@
-"""Pure-JAX metrics of attention, residual geometry and the logit lens (SPEC §1-§5).
+"""Pure-JAX metrics of attention, residual geometry and the logit lens (methods §1-§5).
 
 All are functions of arrays with token sets given as per-sample boolean masks; see each module's docstring for the
 shared conventions (shapes, padding, empty sets).

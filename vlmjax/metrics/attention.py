@@ -1,4 +1,4 @@
-"""Attention metrics of one layer, as pure functions of arrays (SPEC §1, §2, §4, §5).
+"""Attention metrics of one layer, as pure functions of arrays (methods §1, §2, §4, §5).
 
 Conventions shared by every function here:
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-SPATIAL_ENTROPY_EPS = 1e-9  # SPEC §5: H_s = -sum M log(M + 1e-9)
+SPATIAL_ENTROPY_EPS = 1e-9  # methods §5: H_s = -sum M log(M + 1e-9)
 
 
 def _as_float(x: jax.Array) -> jax.Array:
@@ -56,13 +56,13 @@ def _attention_block(attn: jax.Array, query_mask: jax.Array, key_mask: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Masses and block means (SPEC §1)
+# Masses and block means (methods §1)
 
 
 def visual_mass(attn: jax.Array, query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
     """Per-head attention mass on a key set, averaged over a query set: ``mean_{i in Q} sum_{j in K} A[h, i, j]``.
 
-    SPEC §1 ``mass_l`` per head (average the result over heads for the SPEC's head-mean). With a one-hot query_mask it
+    methods §1 ``mass_l`` per head (average the result over heads for the methods' head-mean). With a one-hot query_mask it
     is the last-query variant. Returns [B, H]; 0 when the query set is empty (and, naturally, when the key set is).
     """
     block = _attention_block(attn, query_mask, key_mask)
@@ -85,7 +85,7 @@ def block_mean_per_head(attn: jax.Array, query_mask: jax.Array, key_mask: jax.Ar
 def block_mean(attn: jax.Array, query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
     """Mean over heads, masked queries and masked keys: ``mean_{h, i in Q, j in K} A[h, i, j]``. [B].
 
-    SPEC §1 per-sample block mean (with Q = text after the image, K = visual tokens); averaging it over the
+    methods §1 per-sample block mean (with Q = text after the image, K = visual tokens); averaging it over the
     neglect-zone layers gives the neglect depth. 0 when either set is empty.
     """
     return block_mean_per_head(attn, query_mask, key_mask).mean(-1)
@@ -94,7 +94,7 @@ def block_mean(attn: jax.Array, query_mask: jax.Array, key_mask: jax.Array) -> j
 def visual_fraction_per_head(
     attn: jax.Array, query_mask: jax.Array, visual_mask: jax.Array, text_mask: jax.Array
 ) -> jax.Array:
-    """Per-head visual fraction ``m_v / (m_v + m_t)`` with per-key means (SPEC §1), the ratio taken per head. [B, H].
+    """Per-head visual fraction ``m_v / (m_v + m_t)`` with per-key means (methods §1), the ratio taken per head. [B, H].
 
     ``m_v = mean_{i in Q, j in V} A[h]``, ``m_t = mean_{i in Q, j in T} A[h]``. 0 when m_v + m_t = 0 (e.g. empty sets).
     """
@@ -104,7 +104,7 @@ def visual_fraction_per_head(
 
 
 def visual_fraction(attn: jax.Array, query_mask: jax.Array, visual_mask: jax.Array, text_mask: jax.Array) -> jax.Array:
-    """Canonical SPEC §1 visual fraction ``frac_l = m_v / (m_v + m_t)``. [B].
+    """Canonical methods §1 visual fraction ``frac_l = m_v / (m_v + m_t)``. [B].
 
     Heads are averaged BEFORE the ratio: ``m_v = mean_{h, i in Q, j in V} A``, ``m_t = mean_{h, i in Q, j in T} A``
     (per-key means; Q is normally the text after the image, i.e. ``text_mask``). See
@@ -116,7 +116,7 @@ def visual_fraction(attn: jax.Array, query_mask: jax.Array, visual_mask: jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Last-query attention maps (SPEC §2, §4, §5)
+# Last-query attention maps (methods §2, §4, §5)
 
 
 def _query_rows(attn: jax.Array, query_index: jax.Array) -> jax.Array:
@@ -128,7 +128,7 @@ def _query_rows(attn: jax.Array, query_index: jax.Array) -> jax.Array:
 def region_mass(attn: jax.Array, query_index: jax.Array, region_mask: jax.Array) -> jax.Array:
     """Per-head attention weight of one query on a key set: ``sum_{j in R} A[h, q, j]``. [B, H].
 
-    SPEC §4: with ``region_mask = visual_mask`` this is the head's image weight w; with a box mask from
+    methods §4: with ``region_mask = visual_mask`` this is the head's image weight w; with a box mask from
     :func:`box_to_token_mask` it is the weight on the visual tokens inside the box. 0 for an empty region.
     """
     rows = _query_rows(attn, query_index)
@@ -138,7 +138,7 @@ def region_mass(attn: jax.Array, query_index: jax.Array, region_mask: jax.Array)
 def last_query_visual_map(attn: jax.Array, query_index: jax.Array, visual_mask: jax.Array) -> jax.Array:
     """Head-mean attention row of query ``query_index[b]``, restricted to visual keys and renormalised. [B, Nk].
 
-    SPEC §2 / §5 attention map: sums to 1 over the visual keys, 0 at every other key. All zeros (sum 0, not 1) when
+    methods §2 / §5 attention map: sums to 1 over the visual keys, 0 at every other key. All zeros (sum 0, not 1) when
     the visual set is empty or the query gives it no attention at all.
     """
     row = _query_rows(attn, query_index).mean(1)
@@ -158,7 +158,7 @@ def _flat_cell_index(grid_rows: jax.Array, grid_cols: jax.Array, grid_shape: tup
 def visual_map_to_grid(
     token_map: jax.Array, grid_rows: jax.Array, grid_cols: jax.Array, grid_shape: tuple[int, int]
 ) -> jax.Array:
-    """Scatter per-token values [B, Nk] onto the patch grid [B, gh, gw] (SPEC §5 "reshaped to the patch grid").
+    """Scatter per-token values [B, Nk] onto the patch grid [B, gh, gw] (methods §5 "reshaped to the patch grid").
 
     ``grid_rows``/``grid_cols`` [B, Nk] give each visual token's cell; -1 (or any off-grid value) marks a non-visual
     token, which is dropped. Cells no token maps to are 0; tokens sharing a cell are summed. ``grid_shape`` is static.
@@ -184,13 +184,13 @@ def grid_to_visual_map(grid: jax.Array, grid_rows: jax.Array, grid_cols: jax.Arr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Entropy, concentration, spatial statistics (SPEC §4, §5)
+# Entropy, concentration, spatial statistics (methods §4, §5)
 
 
 def entropy(probabilities: jax.Array, mask: jax.Array | None = None, eps: float = 1e-9, axis=-1) -> jax.Array:
     """Shannon entropy in nats, ``-sum p log(p + eps)`` over ``axis`` (masked entries only, if a mask is given).
 
-    The eps keeps log finite at p = 0 (SPEC §4, §5); the input is not renormalised here.
+    The eps keeps log finite at p = 0 (methods §4, §5); the input is not renormalised here.
     """
     probabilities = _as_float(probabilities)
     terms = -probabilities * jnp.log(probabilities + eps)
@@ -200,7 +200,7 @@ def entropy(probabilities: jax.Array, mask: jax.Array | None = None, eps: float 
 
 
 def concentration(weights: jax.Array, mask: jax.Array, eps: float = 1e-9) -> jax.Array:
-    """SPEC §4 concentration ``c = 1 - H(a) / log N_a`` of the masked slice of ``weights``, renormalised to sum 1.
+    """methods §4 concentration ``c = 1 - H(a) / log N_a`` of the masked slice of ``weights``, renormalised to sum 1.
 
     ``weights`` [..., N] (e.g. [B, N] or per head [B, H, N]); ``mask`` [B, N] (broadcast over heads) or of weights'
     shape. N_a is the number of masked entries per sample. 1 for a one-hot slice, 0 for a uniform one. Returns 0 when
@@ -218,7 +218,7 @@ def concentration(weights: jax.Array, mask: jax.Array, eps: float = 1e-9) -> jax
 
 
 def spatial_entropy(attention_map: jax.Array, axis=(-2, -1)) -> jax.Array:
-    """SPEC §5 spatial entropy ``H_s = -sum M log(M + 1e-9)`` of a normalised map, over ``axis``.
+    """methods §5 spatial entropy ``H_s = -sum M log(M + 1e-9)`` of a normalised map, over ``axis``.
 
     Default axes fit a grid [..., gh, gw]; pass ``axis=-1`` for a token map [B, Nk] (zeros at non-visual tokens add
     nothing, so both give the same value). 0 for an all-zero map.
@@ -230,7 +230,7 @@ def top_fraction_mask(map_grid, fraction: float = 0.3) -> np.ndarray:
     """Host-side (NumPy): boolean mask of the top ``fraction`` cells of each 2-D map [gh, gw] or [B, gh, gw].
 
     Keeps the ``ceil(fraction * gh * gw)`` highest cells; ties are broken by row-major order (a stable sort), so the
-    count is exact even for flat maps. Shared definition of "the top-30% patches" of SPEC §5.
+    count is exact even for flat maps. Shared definition of "the top-30% patches" of methods §5.
     """
     maps = np.asarray(map_grid, dtype=np.float64)
     if not 0 < fraction <= 1:
@@ -246,7 +246,7 @@ def top_fraction_mask(map_grid, fraction: float = 0.3) -> np.ndarray:
 
 def top_fraction_clusters(map_grid, fraction: float = 0.3, connectivity: int = 4):
     """Host-side (NumPy/SciPy, not jittable: the count is discrete): number of connected components of the top
-    ``fraction`` patches of a 2-D attention map (SPEC §5), via ``scipy.ndimage.label``.
+    ``fraction`` patches of a 2-D attention map (methods §5), via ``scipy.ndimage.label``.
 
     ``connectivity`` 4 (default: cells touching by an edge) or 8 (edges or corners). Takes [gh, gw] -> int or
     [B, gh, gw] -> int array [B]. The top set is :func:`top_fraction_mask`'s.
@@ -261,7 +261,7 @@ def top_fraction_clusters(map_grid, fraction: float = 0.3, connectivity: int = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Boxes (SPEC §4 region weight)
+# Boxes (methods §4 region weight)
 
 
 def box_to_token_mask(
@@ -320,11 +320,11 @@ def box_to_token_mask(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Comparing maps and scoring heads (SPEC §2, §4)
+# Comparing maps and scoring heads (methods §2, §4)
 
 
 def hellinger(p: jax.Array, q: jax.Array, axis=-1) -> jax.Array:
-    """SPEC §2 Hellinger distance ``sqrt(sum_j (sqrt p_j - sqrt q_j)^2) / sqrt 2`` between distributions on ``axis``.
+    """methods §2 Hellinger distance ``sqrt(sum_j (sqrt p_j - sqrt q_j)^2) / sqrt 2`` between distributions on ``axis``.
 
     0 for p = q, 1 for disjoint supports. Tiny negative inputs (round-off) are clipped to 0.
     """
@@ -334,12 +334,12 @@ def hellinger(p: jax.Array, q: jax.Array, axis=-1) -> jax.Array:
 
 
 def contrastive_attention(attention_post: jax.Array, attention_pre: jax.Array) -> jax.Array:
-    """SPEC §2 contrastive attention ``C = |A_post - A_pre|`` (elementwise, e.g. of two visual maps)."""
+    """methods §2 contrastive attention ``C = |A_post - A_pre|`` (elementwise, e.g. of two visual maps)."""
     return jnp.abs(_as_float(attention_post) - _as_float(attention_pre))
 
 
 def default_layer_weight(layer_index: jax.Array) -> jax.Array:
-    """SPEC §4 default decreasing layer weight ``f(l) = 1 / log(l + e)`` [inferred]; f(0) = 1 for 0-based layers."""
+    """methods §4 default decreasing layer weight ``f(l) = 1 / log(l + e)`` [inferred]; f(0) = 1 for 0-based layers."""
     return 1.0 / jnp.log(_as_float(layer_index) + math.e)
 
 
@@ -349,7 +349,7 @@ def head_detection_score(
     layer_index: jax.Array,
     layer_weight: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
-    """SPEC §4 head detection score ``w * c * f(l)`` (elementwise with broadcasting, e.g. [L, H] with l of [L, 1]).
+    """methods §4 head detection score ``w * c * f(l)`` (elementwise with broadcasting, e.g. [L, H] with l of [L, 1]).
 
     ``layer_index`` is 0-based; ``layer_weight`` is f (default :func:`default_layer_weight`).
     """

@@ -1,9 +1,9 @@
-"""Information geometry of one residual update X' = X + dX (SPEC §3): eRank, RID and MixIG.
+"""Information geometry of one residual update X' = X + dX (methods §3): eRank, RID and MixIG.
 
 Each function takes one sample's token matrix ``X[S, D]`` (S tokens x hidden size D) and an optional boolean
 ``token_mask[S]``. Masked-out tokens (padding) are handled by zeroing their rows, which leaves the singular values and
 the singular subspaces of the true tokens unchanged, and by using the true token count S_true = sum(token_mask)
-wherever the SPEC counts tokens: in ``min(S, D)`` of RID and in the mean over tokens of the token mixing entropy
+wherever the methods count tokens: in ``min(S, D)`` of RID and in the mean over tokens of the token mixing entropy
 (whose distributions also exclude masked tokens as j). The ``batched_*`` versions vmap over [B, S, D] with masks
 [B, S].
 
@@ -49,7 +49,7 @@ def _effective_rank_of_spectrum(singular_values: jax.Array) -> jax.Array:
 
 
 def effective_rank(x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-    """SPEC §3 ``eRank(X) = exp(-sum p_i log p_i)`` with ``p_i = sigma_i / sum sigma`` (singular values, not squared).
+    """methods §3 ``eRank(X) = exp(-sum p_i log p_i)`` with ``p_i = sigma_i / sum sigma`` (singular values, not squared).
 
     eRank(I_k) = k. Returns 0 for the zero matrix (and when every token is masked).
     """
@@ -82,7 +82,7 @@ def rid_terms(
     rank=None,
     energy: float = 0.99,
 ) -> tuple[jax.Array, jax.Array]:
-    """The two terms of SPEC §3 RID(X'|X): (spectral change, subspace innovation).
+    """The two terms of methods §3 RID(X'|X): (spectral change, subspace innovation).
 
     spectral change = ``|eRank(X') - eRank(X)| / min(S_true, D)``; subspace innovation =
     ``(||(I - P_C) X'||_F + ||X' (I - P_R)||_F) / (2 ||X'||_F)``, with P_C / P_R the projections onto the left / right
@@ -116,7 +116,7 @@ def rid(
     rank=None,
     energy: float = 0.99,
 ) -> jax.Array:
-    """SPEC §3 relative information delta RID(X'|X) = spectral change + subspace innovation, in [0, 2].
+    """methods §3 relative information delta RID(X'|X) = spectral change + subspace innovation, in [0, 2].
 
     ``rank`` r truncates the singular subspaces of X (an int or a traced int scalar); default: the smallest r holding
     ``energy`` (0.99 [inferred]) of X's squared singular-value energy. r is capped at X's numerical rank, so
@@ -127,7 +127,7 @@ def rid(
 
 
 def token_mixing_entropy(x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-    """SPEC §3 token mixing entropy ``TME = mean_t H(P_t)``, ``P_tj ∝ (x~_t . x~_j + 1) / 2`` over j, in nats.
+    """methods §3 token mixing entropy ``TME = mean_t H(P_t)``, ``P_tj ∝ (x~_t . x~_j + 1) / 2`` over j, in nats.
 
     x~ are unit-norm rows (a zero row stays zero, so its similarities are 1/2). Masked tokens are excluded both as t
     and as j. 0 when every token is masked.
@@ -144,7 +144,7 @@ def token_mixing_entropy(x: jax.Array, token_mask: jax.Array | None = None) -> j
 
 
 def mix_ig(x_new: jax.Array, x_old: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-    """SPEC §3 ``MixIG = TME(X') - TME(X)``: positive when the update increases token mixing."""
+    """methods §3 ``MixIG = TME(X') - TME(X)``: positive when the update increases token mixing."""
     return token_mixing_entropy(x_new, token_mask) - token_mixing_entropy(x_old, token_mask)
 
 

@@ -1,4 +1,4 @@
-"""Logit lens and residual-update cosine (SPEC §1), as pure jnp functions usable under jit and vmap.
+"""Logit lens and residual-update cosine (methods §1), as pure jnp functions usable under jit and vmap.
 
 The lens reads a residual ``h[..., D]`` (typically [B, N, D] at chosen positions, see :func:`gather_positions`) as the
 model's own output: ``logits = final_norm(h) @ unembedding`` with ``unembedding[D, V]`` (the transpose of HF's
@@ -60,7 +60,7 @@ def lens_target_rank_and_prob(
 
 
 def cosine_of_updates(delta_a: jax.Array, delta_b: jax.Array, mask: jax.Array) -> jax.Array:
-    """SPEC §1 language-prior collapse: ``mean_{i in mask} cos(delta_a[b, i], delta_b[b, i])``. [B].
+    """methods §1 language-prior collapse: ``mean_{i in mask} cos(delta_a[b, i], delta_b[b, i])``. [B].
 
     ``delta_*`` [B, N, D] are residual updates ``h_l - h_{l-1}`` (e.g. with the real and the null image); ``mask``
     [B, N] selects the positions (text after the image, padding excluded). The cosine of a zero update is 0, and the
