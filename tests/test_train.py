@@ -4,11 +4,13 @@ and Qwen2-VL's per-image training forward equals the model's packed forward."""
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
 import vlmjax
 from vlmjax import train
+from vlmjax.errors import VlmJaxError
 
 
 def _small(family: str) -> train.TrainConfig:
@@ -34,7 +36,7 @@ def prepared(request, tmp_path_factory):
 
 def test_losses_fall(prepared):
     cfg, model, data = prepared
-    _, history = train.train(model, data, cfg, progress=False)
+    _, history, _ = train.train(model, data, cfg, progress=False)
     aligned, tuned = history["alignment"]["grounding"], history["training"]["answer"]
     assert len(aligned) == cfg.alignment_steps and len(tuned) == cfg.steps
     assert np.mean(aligned[-5:]) < 0.8 * np.mean(aligned[:5])
@@ -65,6 +67,38 @@ def test_qwen2_vl_training_forward_equals_the_packed_forward(prepared):
     ours = train.training_forward(model, model.params, batch, logits="all")
     packed = model.forward(model.params, train.model_batch(batch), logits="all")
     np.testing.assert_allclose(np.asarray(ours["logits"]), np.asarray(packed["logits"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("prepared", ["llava"], indirect=True)
+def test_a_stopped_run_resumes_from_its_checkpoint_exactly(prepared, tmp_path):
+    """Train 30 + 30 steps with checkpoints every 4 steps, stop at training step 26 (the newest checkpoint is step
+    24's), start again: the resumed run's parameters and loss history equal an uninterrupted run's."""
+    cfg, model, data = prepared
+    cfg = dataclasses.replace(cfg, checkpoint_every=4)
+    whole, whole_history, _ = train.train(model, data, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    stopping = train.StageCheckpoints.save
+
+    def save_then_stop(self, step, *args, **kwargs):
+        stopping(self, step, *args, **kwargs)
+        if self.directory.name == "training" and step == 26:
+            self.manager.wait_until_finished()  # as if the process died after the saves it had begun
+            raise Stop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StageCheckpoints, "save", save_then_stop)
+        with pytest.raises(Stop):
+            train.train(model, data, cfg, progress=False, checkpoint_dir=tmp_path)
+    assert train.StageCheckpoints(tmp_path / "training", 4, dataclasses.asdict(cfg)).manager.latest_step() == 24
+    resumed, resumed_history, seconds = train.train(model, data, cfg, progress=False, checkpoint_dir=tmp_path)
+    assert resumed_history == whole_history and seconds > 0
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(VlmJaxError, match="steps=30 there, 31 now"):
+        train.train(model, data, dataclasses.replace(cfg, steps=31), progress=False, checkpoint_dir=tmp_path)
 
 
 def test_run_saves_an_hf_directory_with_a_report(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
 
 PROMPT = "USER: {image} {question} ASSISTANT:"
 FAMILIES = ("llava", "qwen2_vl")
-TASKS = ("pope", "attribute", "describe")
+TASKS = ("pope", "attribute", "count", "describe")
 DESCRIBE_QUESTION = "Describe the image."
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     text_layers: int = 3
     text_mlp_ratio: int = 2
     heads: int = 4
+    vision_heads: int | None = None  # attention heads of the vision tower (default: ``heads``)
     steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -81,6 +83,7 @@ class TrainConfig:
     label_min_fraction: float = 0.125
     alignment_steps: int = 3000
     balance_answers: bool = True  # weight yes/no replies so each category is as often "yes" as "no" (answer_weights)
+    checkpoint_every: int = 250  # optimiser steps between orbax checkpoints of a stage (a rerun resumes there)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -95,6 +98,12 @@ PRESETS = {
     # 94.5% (benchmarks/training/qwen2-vl-shapes-balanced.json); black images give chance either way.
     "qwen2-vl-shapes": TrainConfig(family="qwen2_vl", label_objects=3, label_min_fraction=0.05,
                                    balance_answers=False),
+    # The model organism of the studies: deep enough for layer-wise findings (12 decoder layers of 8 heads, a
+    # 4-layer vision tower), trained on the harder question mix too (attributes, counting in a box), so that it is
+    # wrong often enough for error analysis.
+    "llava-shapes-deep": TrainConfig(tasks=("pope", "attribute", "count", "describe"), text_layers=12, heads=8,
+                                     vision_layers=4, vision_heads=4, steps=2000, learning_rate=2e-3,
+                                     alignment_steps=2000, checkpoint_every=100),
 }
 
 
@@ -136,7 +145,7 @@ def token_side(cfg: TrainConfig) -> int:
 
 def hf_config(cfg: TrainConfig, tokenizer):
     """The HF config of the model to train: tied word embeddings (the grounding loss reads visual tokens through
-    them), one attention-head count throughout."""
+    them), ``heads`` attention heads in the decoder and ``vision_heads`` (default the same) in the vision tower."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2VLConfig
 
     text = dict(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp_ratio * cfg.text_hidden,
@@ -150,14 +159,14 @@ def hf_config(cfg: TrainConfig, tokenizer):
         section = [pairs // 4, (pairs - pairs // 4) // 2, pairs - pairs // 4 - (pairs - pairs // 4) // 2]
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
         vision = dict(depth=cfg.vision_layers, embed_dim=cfg.vision_hidden, hidden_size=cfg.text_hidden,
-                      num_heads=cfg.heads, mlp_ratio=4, patch_size=cfg.patch_size, spatial_merge_size=2,
+                      num_heads=cfg.vision_heads or cfg.heads, mlp_ratio=4, patch_size=cfg.patch_size, spatial_merge_size=2,
                       temporal_patch_size=2)
         ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
             ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
             ("vision_end_token_id", VISION_END))}
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.heads,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads or cfg.heads,
                               image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
     return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text),
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
@@ -428,15 +437,17 @@ def make_optimizer(cfg: TrainConfig, steps: int, learning_rate: float) -> optax.
                        optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
-def _epochs(n: int, batch_size: int, steps: int, seed: int):
-    """``steps`` index batches drawn epoch by epoch from seeded permutations of ``range(n)``."""
+def _epochs(n: int, batch_size: int, steps: int, seed: int, start: int = 0):
+    """Index batches ``start``..``steps - 1`` of a run drawing ``steps`` batches epoch by epoch from seeded
+    permutations of ``range(n)`` (a resumed run skips the draws it has done without building their batches)."""
     rng = np.random.default_rng(seed)
     order = np.empty(0, int)
-    for _ in range(steps):
+    for step in range(steps):
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         chosen, order = order[:batch_size], order[batch_size:]
-        yield chosen
+        if step >= start:
+            yield chosen
 
 
 def image_inputs(data: dict[str, np.ndarray], rows: np.ndarray) -> dict:
@@ -447,10 +458,10 @@ def image_inputs(data: dict[str, np.ndarray], rows: np.ndarray) -> dict:
     return {"pixel_values": pixels.reshape(-1, pixels.shape[-1]), "image_grid_thw": data["image_grid_thw"][rows]}
 
 
-def conversation_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
+def conversation_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int, start: int = 0):
     """Batches of conversations (through ``model.prepare``, as processor outputs) with reply masks and the patch
-    labels of their images."""
-    for chosen in _epochs(len(data["input_ids"]), batch_size, steps, seed):
+    labels of their images, from step ``start``."""
+    for chosen in _epochs(len(data["input_ids"]), batch_size, steps, seed, start):
         rows = data["image_index"][chosen]
         batch, _ = model.prepare({"input_ids": data["input_ids"][chosen],
                                   "attention_mask": data["attention_mask"][chosen], **image_inputs(data, rows)})
@@ -458,20 +469,73 @@ def conversation_batches(model, data: dict[str, np.ndarray], batch_size: int, st
                "patch_weights": data["patch_weights"][rows]}
 
 
-def image_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int):
-    """Batches of images with patch labels, each prompt being its visual tokens alone."""
+def image_batches(model, data: dict[str, np.ndarray], batch_size: int, steps: int, seed: int, start: int = 0):
+    """Batches of images with patch labels, each prompt being its visual tokens alone, from step ``start``."""
     n_images, n_tokens = data["patch_labels"].shape[:2]
     input_ids = np.full((batch_size, n_tokens), model.config.image_token_id, np.int32)
-    for chosen in _epochs(n_images, batch_size, steps, seed):
+    for chosen in _epochs(n_images, batch_size, steps, seed, start):
         batch, _ = model.prepare({"input_ids": input_ids, "attention_mask": np.ones_like(input_ids, bool),
                                   **image_inputs(data, chosen)})
         yield {**batch, "patch_labels": data["patch_labels"][chosen], "patch_weights": data["patch_weights"][chosen]}
 
 
+class StageCheckpoints:
+    """Orbax checkpoints of one training stage (parameters, optimiser state, per-step loss history) under
+    ``directory``, every ``every`` steps and at the stage's end, the two newest kept. The run's settings are written
+    beside them, and a resume with other settings is refused: its steps would continue a different run."""
+
+    def __init__(self, directory: str | Path, every: int, settings: dict):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).absolute()
+        self.every = every
+        settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
+        settings_file = self.directory / "settings.json"
+        if settings_file.exists():
+            stored = json.loads(settings_file.read_text())
+            differing = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            if differing:
+                from vlmjax.errors import VlmJaxError
+
+                raise VlmJaxError(
+                    f"{self.directory} holds checkpoints of a run with other settings ({', '.join(differing)} "
+                    f"differ: {', '.join(f'{k}={stored.get(k)!r} there, {settings.get(k)!r} now' for k in differing)}"
+                    f"). Resume with the same settings, or train into another --out directory.")
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            settings_file.write_text(json.dumps(settings, indent=1))
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def restore(self, params, opt_state) -> tuple[int, object, object, dict]:
+        """(step, params, opt_state, log) of the newest checkpoint, or (0, the given state, an empty log) if none;
+        the log holds the per-step loss history and the seconds spent on the stage so far."""
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        if step is None:
+            return 0, params, opt_state, {"history": {}, "seconds": 0.0}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                      log=ocp.args.JsonRestore()))
+        return step, restored["state"]["params"], restored["state"]["opt_state"], restored["log"]
+
+    def save(self, step: int, params, opt_state, log: dict, final: bool) -> None:
+        import orbax.checkpoint as ocp
+
+        if final or step % self.every == 0:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                log=ocp.args.JsonSave(log)))
+            if final:
+                self.manager.wait_until_finished()
+
+
 def fit(params, loss_fn, batch_stream, steps: int, learning_rate: float, cfg: TrainConfig, desc: str,
-        progress: bool = True):
+        progress: bool = True, checkpoints: StageCheckpoints | None = None):
     """Optimise ``loss_fn(params, batch) -> (loss, parts)`` over ``steps`` batches with a jitted AdamW step;
-    returns (params, {part: per-step values})."""
+    returns (params, {part: per-step values}, seconds spent). ``batch_stream(start)`` yields the batches from step
+    ``start``; with ``checkpoints`` the stage resumes from its newest checkpoint (a finished stage returns at once)
+    and the seconds include those of the earlier pieces."""
     optimizer = make_optimizer(cfg, steps, learning_rate)
 
     @jax.jit
@@ -480,28 +544,40 @@ def fit(params, loss_fn, batch_stream, steps: int, learning_rate: float, cfg: Tr
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, parts
 
-    opt_state, history = optimizer.init(params), {}
-    bar = tqdm(batch_stream, total=steps, desc=desc, disable=not progress)
-    for batch in bar:
+    opt_state, log, done = optimizer.init(params), {"history": {}, "seconds": 0.0}, 0
+    if checkpoints is not None:
+        done, params, opt_state, log = checkpoints.restore(params, opt_state)
+    history, started = log["history"], time.perf_counter() - log["seconds"]
+    bar = tqdm(batch_stream(done), total=steps, initial=done, desc=desc, disable=not progress or done == steps)
+    for index, batch in enumerate(bar, start=done + 1):
         params, opt_state, parts = step(params, opt_state, batch)
         for name, value in parts.items():
             history.setdefault(name, []).append(float(value))
-        if len(next(iter(history.values()))) % 10 == 0:
+        if index % 10 == 0:
             bar.set_postfix({name: f"{np.mean(values[-10:]):.3f}" for name, values in history.items()})
-    return params, history
+        if checkpoints is not None:
+            log = {"history": history, "seconds": time.perf_counter() - started}
+            checkpoints.save(index, params, opt_state, log, final=index == steps)
+    return params, history, time.perf_counter() - started if done < steps else log["seconds"]
 
 
-def train(model, data: dict[str, np.ndarray], cfg: TrainConfig, progress: bool = True):
+def train(model, data: dict[str, np.ndarray], cfg: TrainConfig, progress: bool = True,
+          checkpoint_dir: str | Path | None = None):
     """Two stages from ``model.params``: ``cfg.alignment_steps`` of ``alignment_loss`` on images, then
     ``cfg.steps`` of ``training_loss`` on conversations. Returns (params, {"alignment": history, "training":
-    history}), each history holding per-step values of the loss parts."""
-    params, aligned = fit(model.params, lambda p, b: alignment_loss(model, p, b),
-                          image_batches(model, data, cfg.batch_size, cfg.alignment_steps, cfg.seed),
-                          cfg.alignment_steps, cfg.alignment_learning_rate, cfg, "aligning", progress)
-    params, trained = fit(params, lambda p, b: training_loss(model, p, b, cfg.grounding_weight),
-                          conversation_batches(model, data, cfg.batch_size, cfg.steps, cfg.seed), cfg.steps,
-                          cfg.learning_rate, cfg, "training", progress)
-    return params, {"alignment": aligned, "training": trained}
+    history}, seconds of training), each history holding per-step values of the loss parts. With
+    ``checkpoint_dir`` each stage checkpoints there (orbax) and a rerun resumes where the last one stopped."""
+    stage = lambda name: None if checkpoint_dir is None else StageCheckpoints(
+        Path(checkpoint_dir) / name, cfg.checkpoint_every, dataclasses.asdict(cfg))
+    params, aligned, align_seconds = fit(model.params, lambda p, b: alignment_loss(model, p, b),
+                          lambda start: image_batches(model, data, cfg.batch_size, cfg.alignment_steps, cfg.seed,
+                                                      start),
+                          cfg.alignment_steps, cfg.alignment_learning_rate, cfg, "aligning", progress,
+                          stage("alignment"))
+    params, trained, train_seconds = fit(params, lambda p, b: training_loss(model, p, b, cfg.grounding_weight),
+                          lambda start: conversation_batches(model, data, cfg.batch_size, cfg.steps, cfg.seed, start),
+                          cfg.steps, cfg.learning_rate, cfg, "training", progress, stage("training"))
+    return params, {"alignment": aligned, "training": trained}, align_seconds + train_seconds
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
@@ -530,8 +606,26 @@ def parameter_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def evaluate_first_token(model, processor, images: dict[str, Image.Image], questions: Sequence[shapes.Sample],
+                         batch_size: int = 64) -> dict[str, float]:
+    """Accuracy of the most likely first reply token against the (one-word) answer, per question type: the
+    held-out figure of the attribute and counting questions, whose answers are single words of the vocabulary."""
+    processor.tokenizer.padding_side = "left"
+    right: dict[str, list[bool]] = {}
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        text = [PROMPT.format(image=image_placeholder(processor), question=q.question) for q in chunk]
+        inputs = processor(images=[images[q.image] for q in chunk], text=text, return_tensors="np", padding="longest")
+        predicted = np.asarray(model(**inputs, logits="last").logits[:, -1]).argmax(-1)
+        for q, token in zip(chunk, predicted):
+            right.setdefault(q.question_type, []).append(int(token) in answer_token_ids(processor.tokenizer, q.answer))
+    return {kind: float(np.mean(values)) for kind, values in right.items()}
+
+
 def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Generate data, initialise, train, save to ``out_dir`` and evaluate on the held-out test subset."""
+    """Generate data, initialise, train, save to ``out_dir`` and evaluate on the held-out test subset. Training
+    checkpoints into ``out_dir/checkpoints`` (removed once the model and its report are written), so a killed run
+    started again with the same settings resumes where it stopped."""
     import vlmjax
     from converters.hf import save_hf
 
@@ -540,6 +634,7 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     images, questions = shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, cfg.tasks)
     train_questions = questions["train"]
     test_questions = [q for q in questions["test"] if q.question_type == "pope"]
+    open_questions = [q for q in questions["test"] if q.question_type in ("attribute", "count")]
     with tempfile.TemporaryDirectory() as init_dir:
         processor = build_processor(cfg)
         init_hf_model(cfg, processor, init_dir)
@@ -547,8 +642,8 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
         weights = answer_weights(train_questions) if cfg.balance_answers else None
         data = encode(processor, images, conversations(train_questions, cfg.seed), token_side(cfg),
                       cfg.label_objects, cfg.label_min_fraction, weights)
-        params, history = train(model, data, cfg, progress)
-        train_seconds = time.perf_counter() - started
+        data_seconds = time.perf_counter() - started
+        params, history, train_seconds = train(model, data, cfg, progress, out_dir / "checkpoints")
         save_hf(params, model.config, model.hf_config, out_dir, source_dir=init_dir)
     trained = vlmjax.load(out_dir, progress=False)
     real = evaluate_yes_no(trained, processor, images, test_questions)
@@ -559,6 +654,7 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     report = {"config": dataclasses.asdict(cfg), "parameters": parameter_count(params),
               "train_questions": len(train_questions), "train_images": len(data["pixel_values"]),
               "test_questions": len(test_questions), "train_seconds": round(train_seconds, 1),
+              "data_seconds": round(data_seconds, 1), "device": jax.devices()[0].device_kind,
               "alignment_loss_last_50": float(np.mean(history["alignment"]["grounding"][-50:])),
               "answer_loss_first_50": float(np.mean(history["training"]["answer"][:50])),
               "answer_loss_last_50": float(np.mean(history["training"]["answer"][-50:])),
@@ -570,7 +666,10 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
               "test_f1": real["f1"], "test_yes_ratio": real["yes_ratio"],
               "black_image_accuracy": black["accuracy"], "black_image_accuracy_by_split": by_split(black),
               "black_image_yes_ratio": black["yes_ratio"]}
+    if open_questions:
+        report["test_first_token_accuracy"] = evaluate_first_token(trained, processor, images, open_questions)
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return report
 
 
