@@ -12,6 +12,7 @@ which is the zoom); the paper's variant that adds the crop's tokens beside the o
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -61,6 +62,13 @@ def crop_box(grid: np.ndarray, covered: tuple[float, float, float, float],
             int(np.ceil(x0 + (col + size) * cell_w)), int(np.ceil(y0 + (row + size) * cell_h)))
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _attention_maps(model, params, batch):
+    """Every layer's last-query visual map [L, B, N]; `batch` has generate's prefill positions, so the map is the
+    attention that produced the first answer token."""
+    return model.forward(params, batch, {"map": LastQueryVisualMap()}, logits=None)["hooks"]["map"]["attn.pattern"]
+
+
 def _greedy(model, processor, images, texts, max_new_tokens):
     tokenizer = processor.tokenizer
     inputs = dict(processor(images=images, text=texts, return_tensors="np", padding=True))
@@ -84,15 +92,12 @@ def vicrop_answers(model, processor, images: Sequence[Image.Image], questions: S
         raise VlmJaxError(f"layer {layer} is out of range; the decoder has layers 0..{n_layers - 1}.")
     processor.tokenizer.padding_side = "left"
     texts = [prompt.format(question=q).replace("<image>", image_placeholder(processor)) for q in questions]
-    # the map's forward takes generate's prefill positions, so it reads the attention the first answer token used
-    attention_maps = jax.jit(lambda params, batch: model.forward(params, batch, {"map": LastQueryVisualMap()},
-                                                                 logits=None)["hooks"]["map"]["attn.pattern"])
     results = []
     for start in range(0, len(images), batch_size):
         chunk_images, chunk_texts = list(images[start:start + batch_size]), texts[start:start + batch_size]
         answers, inputs = _greedy(model, processor, chunk_images, chunk_texts, max_new_tokens)
         batch, meta = model.prepare(inputs)
-        maps = np.asarray(attention_maps(model.params, model.module.decode_start(batch)[0]))[layer:layer + 1]
+        maps = np.asarray(_attention_maps(model, model.params, model.module.decode_start(batch)[0]))[layer:layer + 1]
         grids = map_grids(maps, meta)
         boxes = [crop_box(grid[0], covered_region(processor, model.config.model_type, image.size), window)
                  for grid, image in zip(grids, chunk_images)]
