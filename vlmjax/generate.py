@@ -179,9 +179,9 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     key = jax.random.key(0) if key is None else key
     new, first_logits, trace = _generate(model, model.params, batch, position, ordered(hooks), key, eos, pad,
                                          max_new_tokens, do_sample, float(temperature), float(top_p), contrastive,
-                                         alpha, beta, dola_layers or None, bool(return_dola and dola_layers))
+                                         alpha, beta, dola_layers, return_dola)
     prompt = batch["input_ids"][: new.shape[0]]
     tokens = np.concatenate([prompt, np.asarray(new)], axis=1)
     extras = ([np.asarray(first_logits)] if return_first_logits else []) + (
-        [jax.tree.map(np.asarray, trace)] if return_dola and trace is not None else [])
+        [jax.tree.map(np.asarray, trace)] if return_dola else [])
     return (tokens, *extras) if extras else tokens
