@@ -354,3 +354,19 @@ def test_visual_mass_memory_stays_per_layer(tmp_path_factory):
     assert mass <= plain + one_layer, (mass, plain, one_layer)
     print(f"N={n}: temp bytes plain {plain}, visual mass {mass}; one layer's attention {one_layer}, "
           f"all layers' {every_layer}")
+
+
+def test_rank_units_by_standardised_coefficient():
+    from vlmjax.probes import rank_units
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 4)) * np.array([0.01, 1.0, 2.0, 0.5])  # unit 0 barely varies
+    w = np.array([50.0, 1.0, 0.2, 1.5])  # raw coefficients: |w| alone would rank unit 0 first
+    std = x.std(axis=0)
+    np.testing.assert_array_equal(rank_units(w, x), np.argsort(-np.abs(w) * std))
+    assert rank_units(w, x).tolist() == [1, 3, 0, 2]  # |w| std about 0.5, 1.0, 0.4, 0.75; |w| alone: 0, 3, 1, 2
+    scale = np.array([100.0, 1.0, 0.1, 3.0])  # rescaled units with compensating weights: the same probe, same order
+    np.testing.assert_array_equal(rank_units(w / scale, x * scale), rank_units(w, x))
+    assert rank_units([1.0, 1.0], np.ones((3, 2))).tolist() == [0, 1]  # ties (here zero variance): lower index first
+    with pytest.raises(VlmJaxError, match="activations"):
+        rank_units(w, x[:, :3])

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax import dola
 from vlmjax.api import ordered
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Context, Hook, SiteRunner
@@ -23,6 +24,7 @@ from vlmjax.models import decoder
 
 _PREFILL = "_kv_prefill"
 _CACHE = "_kv_cache"
+_DOLA = "_dola_candidates"
 
 
 class KVCache(Hook):
@@ -64,12 +66,14 @@ def contrastive_logits(real, distorted, alpha, beta):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample", "temperature", "top_p",
-                                             "contrastive"))
+                                             "contrastive", "dola_layers", "dola_trace"))
 def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p,
-              contrastive=False, alpha=1.0, beta=0.1):
+              contrastive=False, alpha=1.0, beta=0.1, dola_layers=None, dola_trace=False):
     cfg = model.config
     text_cfg = cfg.text
     b, n = batch["input_ids"].shape
+    if dola_layers:
+        hooks = {**hooks, _DOLA: dola.LastResidual(only_layers=dola_layers)}
     prefill_hooks = {**hooks, _PREFILL: Capture(sites=frozenset({"attn.rot_k", "attn.v"}))}
     out = model.forward(params, batch, prefill_hooks, logits="last")
     captured = out["hooks"][_PREFILL]
@@ -79,17 +83,24 @@ def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_toke
     visual_keys = jnp.pad(batch["input_ids"] == cfg.image_token_id, ((0, 0), (0, max_new_tokens)))
     text = params["text"]
 
+    def scores(logits, records):
+        """(the logits the token comes from, DoLa's premature layer [B] or None)."""
+        if contrastive:
+            half = logits.shape[0] // 2
+            return contrastive_logits(logits[:half], logits[half:], alpha, beta), None
+        if dola_layers:
+            contrast, premature = dola.dola_scores(logits, records[_DOLA]["resid_post"], text["final_norm"]["scale"],
+                                                   decoder.unembed_matrix(text), text_cfg.rms_norm_eps)
+            return contrast, jnp.asarray(dola_layers, jnp.int32)[premature]
+        return logits, None
+
     def choose(logits, key):
         """One token per stream; with `contrastive`, rows [:B/2] (real) and [B/2:] (distorted) share it."""
-        if not contrastive:
-            return _next_token(logits, key, do_sample, temperature, top_p)
-        half = logits.shape[0] // 2
-        token = _next_token(contrastive_logits(logits[:half], logits[half:], alpha, beta), key, do_sample,
-                            temperature, top_p)
-        return jnp.concatenate([token, token])
+        token = _next_token(logits, key, do_sample, temperature, top_p)
+        return jnp.concatenate([token, token]) if contrastive else token
 
     key, sub = jax.random.split(key)
-    first_logits = out["logits"][:, -1]
+    first_logits, first_layer = scores(out["logits"][:, -1], out["hooks"])
     first = choose(first_logits, sub)
     finished = jnp.zeros((b,), bool)
 
@@ -106,36 +117,54 @@ def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_toke
                                               text_cfg, logits="all", query_offset=index)
         cache = res["hooks"][_CACHE]
         key, sub = jax.random.split(key)
-        nxt = choose(res["logits"][:, -1], sub)
+        logits, premature = scores(res["logits"][:, -1], res["hooks"])
+        nxt = choose(logits, sub)
         carry = (nxt, cache["attn.rot_k"], cache["attn.v"], key_valid, position + 1, index + 1, finished, key)
-        return carry, token
+        return carry, (token, (premature, logits if dola_trace else None))
 
     carry = (first, cache_k, cache_v, key_valid, position, jnp.asarray(n, jnp.int32), finished, key)
-    _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
+    _, (tokens, (premature, step_scores)) = jax.lax.scan(step, carry, None, length=max_new_tokens)
     if contrastive:
-        half = b // 2
-        first_logits = contrastive_logits(first_logits[:half], first_logits[half:], alpha, beta)
-        tokens = tokens[:, :half]
-    return tokens.T, first_logits
+        tokens = tokens[:, : b // 2]
+    trace = None
+    if dola_layers:  # the step that chose token t ran at step t - 1 (the first token came from the prefill)
+        trace = {"premature_layer": jnp.concatenate([first_layer[None], premature[:-1]]).T}
+        if dola_trace:
+            trace["scores"] = jnp.concatenate([first_logits[None], step_scores[:-1]]).transpose(1, 0, 2)
+    return tokens.T, first_logits, trace
 
 
 def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, key=None, eos_token_id: int | None = None, pad_token_id: int | None = None,
              hooks=None, return_first_logits: bool = False, contrast_pixel_values=None, alpha: float = 1.0,
-             beta: float = 0.1):
+             beta: float = 0.1, dola_layers=None, return_dola: bool = False):
     """[B, N + max_new_tokens] token ids: the prompt followed by the generated tokens (pad after an EOS), like
     HF `generate(..., max_new_tokens=...)` with a fixed length. `hooks` apply in prefill and in every step.
     With `return_first_logits`, also the first decode step's logits [B, V] (for first-token scoring).
 
     With `contrast_pixel_values` (the same images distorted, e.g. `vcd_noise`), decodes VCD-style: the real and
     the distorted streams run together as one batch of 2B and each step's token comes from
-    `contrastive_logits(real, distorted, alpha, beta)`; the returned first logits are the contrasted ones."""
+    `contrastive_logits(real, distorted, alpha, beta)`; the returned first logits are the contrasted ones.
+
+    With `dola_layers` (decoder layer indices whose resid_post are the candidate premature layers), decodes
+    DoLa-style (`vlmjax.dola`): each token comes from the contrast of the final layer with the candidate most
+    different from it by JSD, with the plausibility cut at 0.1; the returned first logits are the contrast scores.
+    `return_dola` adds a dict after the tokens (and first logits): "premature_layer" [B, T], the layer chosen for
+    each new token, and "scores" [B, T, V], each token's contrast scores."""
     if do_sample and key is None:
         raise VlmJaxError("Sampling needs an explicit PRNG key: generate(..., do_sample=True, key=jax.random.key(0)).")
     if temperature <= 0 or not 0 < top_p <= 1:
         raise VlmJaxError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}.")
     batch, _ = model.prepare(inputs)
     contrastive = contrast_pixel_values is not None
+    if return_dola and dola_layers is None:
+        raise VlmJaxError("return_dola needs DoLa decoding: pass dola_layers=[...] too.")
+    if dola_layers is not None:
+        dola_layers = tuple(sorted({int(layer) for layer in dola_layers}))
+        last = model.config.text.num_layers - 1
+        if not dola_layers or not all(0 <= layer < last for layer in dola_layers) or contrastive:
+            raise VlmJaxError(f"dola_layers must be a non-empty set of premature layers in 0..{last - 1} (layer "
+                              f"{last} is the mature one), without contrast_pixel_values; got {dola_layers}.")
     if contrastive and model.config.model_type == "qwen2_vl":
         raise VlmJaxError("Contrastive (VCD) decoding is implemented for LLaVA-style families; Qwen2-VL's packed "
                           "patches are not supported yet.")
@@ -148,8 +177,11 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id
     key = jax.random.key(0) if key is None else key
-    new, first_logits = _generate(model, model.params, batch, position, ordered(hooks), key, eos, pad, max_new_tokens, do_sample,
-                                  float(temperature), float(top_p), contrastive, alpha, beta)
+    new, first_logits, trace = _generate(model, model.params, batch, position, ordered(hooks), key, eos, pad,
+                                         max_new_tokens, do_sample, float(temperature), float(top_p), contrastive,
+                                         alpha, beta, dola_layers, return_dola)
     prompt = batch["input_ids"][: new.shape[0]]
     tokens = np.concatenate([prompt, np.asarray(new)], axis=1)
-    return (tokens, np.asarray(first_logits)) if return_first_logits else tokens
+    extras = ([np.asarray(first_logits)] if return_first_logits else []) + (
+        [jax.tree.map(np.asarray, trace)] if return_dola else [])
+    return (tokens, *extras) if extras else tokens

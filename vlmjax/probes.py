@@ -457,3 +457,20 @@ def contrastive_mask(maps, visual_mask, fusion_layers: Iterable[int], post_layer
     visual = np.asarray(visual_mask, bool)
     cut = np.array([np.percentile(c[v], percentile) if v.any() else -np.inf for c, v in zip(contrast, visual)])
     return chosen, contrast, visual & (contrast < cut[:, None])
+
+
+def rank_units(weights, activations) -> np.ndarray:
+    """Units (MLP neurons, residual dimensions) ordered for probe-guided ablation, most important first, by the
+    standardised coefficient `|w_i| * std_i` (methods §5).
+
+    `weights` [D] are a linear probe's coefficients on the raw activations, `activations` [Q, D] the units' values
+    on the questions the probe was fit on. Ranking by |w_i| alone favours low-variance units: a unit that barely
+    varies needs a large coefficient to move the probe's logit, yet zeroing it changes little. |w_i| std_i is the
+    change of the logit per standard deviation of the unit, its contribution at its own scale; it is unchanged when
+    a unit is rescaled (w_i / c, c x_i) and equals |weight| of a probe fit on standardised features. Ties keep
+    the lower index first."""
+    weights, activations = np.asarray(weights, dtype=float), np.asarray(activations, dtype=float)
+    if weights.ndim != 1 or activations.ndim != 2 or activations.shape[1] != len(weights):
+        raise VlmJaxError(f"rank_units needs weights [D] and activations [Q, D], got {weights.shape} and "
+                          f"{activations.shape}.")
+    return np.argsort(-(np.abs(weights) * activations.std(axis=0)), kind="stable")

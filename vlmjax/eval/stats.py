@@ -1,9 +1,11 @@
-"""Statistics the studies use (docs/methods.md §6): McNemar, bootstrap CIs, Cohen's h and power, Beta posteriors,
-point-biserial correlation. All randomness comes from a seeded ``numpy.random.Generator``.
+"""Statistics the studies use (docs/methods.md §6): McNemar, bootstrap CIs (of a statistic, of per-question
+differences, of AUROC), Cohen's h and power, Beta posteriors, point-biserial and Pearson correlation, a paired
+sign-flip permutation test. All randomness comes from a seeded ``numpy.random.Generator``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -112,3 +114,85 @@ def point_biserial(binary: Sequence, values: Sequence) -> tuple[float, float]:
     """Point-biserial correlation of a 0/1 variable (e.g. correctness) with a continuous one, and its p-value."""
     result = scipy_stats.pointbiserialr(np.asarray(binary, dtype=float), np.asarray(values, dtype=float))
     return float(result.statistic), float(result.pvalue)
+
+
+def pearson(x: Sequence, y: Sequence) -> tuple[float, float]:
+    """Pearson correlation of two continuous variables (e.g. head scores of two models) and its two-sided p-value
+    (t-test on n - 2 degrees of freedom)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+        raise ValueError(f"pearson needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}")
+    result = scipy_stats.pearsonr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+def bootstrap_differences(reference: Sequence, conditions: Sequence, *, n_resamples: int = 10_000,
+                          level: float = 0.95, seed: int = 0) -> list[Interval]:
+    """Percentile bootstrap intervals of ``mean(reference - condition)`` for each row of ``conditions`` [K, Q], the
+    questions resampled together (the same draws for every row, so the intervals are comparable): e.g. each
+    layer's accuracy drop under masking from per-question correctness. Row k's interval equals
+    ``bootstrap_ci((reference, conditions[k]), lambda a, b: (a - b).mean())`` with the same seed."""
+    reference = np.asarray(reference, dtype=float)
+    conditions = np.atleast_2d(np.asarray(conditions, dtype=float))
+    if reference.ndim != 1 or conditions.shape[1:] != reference.shape or len(reference) == 0:
+        raise ValueError(f"need reference [Q] and conditions [K, Q], got {reference.shape} and {conditions.shape}")
+    differences = reference[None] - conditions
+    index = np.random.default_rng(seed).integers(0, len(reference), size=(n_resamples, len(reference)))
+    estimates = np.stack([d[index].mean(axis=1) for d in differences])  # [K, n_resamples]
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(estimates, [tail, 100.0 - tail], axis=1)
+    return [Interval(float(d.mean()), float(lo), float(hi), level) for d, lo, hi in zip(differences, low, high)]
+
+
+def auroc(labels: Sequence, scores: Sequence) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels``: P(score of a positive > score of a negative),
+    ties counting one half (the Mann-Whitney U / (n_pos n_neg))."""
+    labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D and equal length, got {labels.shape} and {scores.shape}")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes, got {n_pos} positive and {n_neg} negative")
+    ranks = scipy_stats.rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auroc(labels: Sequence, scores: Sequence, *, n_resamples: int = 2_000, level: float = 0.95,
+                    seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the AUROC, positives and negatives resampled separately (stratified), so
+    every resample keeps both classes at their observed counts."""
+    labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
+    estimate = auroc(labels, scores)
+    positives, negatives = scores[labels], scores[~labels]
+    rng = np.random.default_rng(seed)
+    resampled_labels = np.r_[np.ones(len(positives), bool), np.zeros(len(negatives), bool)]
+    estimates = np.array([auroc(resampled_labels, np.r_[rng.choice(positives, len(positives)),
+                                                        rng.choice(negatives, len(negatives))])
+                          for _ in range(n_resamples)])
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(estimates, [tail, 100.0 - tail])
+    return Interval(estimate, float(low), float(high), level)
+
+
+EXACT_PERMUTATIONS_UP_TO = 16
+
+
+def paired_permutation_test(a: Sequence, b: Sequence, *, n_resamples: int = 10_000,
+                            seed: int = 0) -> tuple[float, float]:
+    """(mean difference, two-sided p) of the paired sign-flip permutation test that matched measurements ``a`` and
+    ``b`` (e.g. accuracy with top-k vs random-k units masked, per seed or per question) have the same mean.
+
+    Under the null each difference is as likely negated; p = P(|mean of flipped differences| >= |observed|), over
+    all 2^n flips when n <= 16, else over ``n_resamples`` random flips with the observed one counted
+    (``(1 + hits) / (1 + n_resamples)``). For paired 0/1 correctness, ``mcnemar`` is the usual choice."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired samples must be 1-D, non-empty and equal length, got {a.shape} and {b.shape}")
+    differences = a - b
+    observed = differences.mean()
+    tolerance = 1e-12 * max(1.0, abs(observed))
+    exact = len(differences) <= EXACT_PERMUTATIONS_UP_TO
+    signs = (np.array(list(itertools.product((1.0, -1.0), repeat=len(differences)))) if exact
+             else np.random.default_rng(seed).choice((1.0, -1.0), size=(n_resamples, len(differences))))
+    hits = int(np.sum(np.abs(signs @ differences / len(differences)) >= abs(observed) - tolerance))
+    return float(observed), hits / len(signs) if exact else (1 + hits) / (1 + n_resamples)
