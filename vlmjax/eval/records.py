@@ -35,6 +35,14 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _nonfinite(value) -> bool:
+    """A number or numeric array holding NaN or inf (what a record must never carry)."""
+    try:
+        return not np.isfinite(np.asarray(value, dtype=float)).all()
+    except (TypeError, ValueError):
+        return False
+
+
 class ResultsWriter:
     """Append-only JSONL results file that resumes after a crash; see the module docstring."""
 
@@ -143,7 +151,13 @@ class ResultsWriter:
         if record_id in self._done:
             return False
         record = {**record, self.id_key: record_id}
-        line = json.dumps(record, default=_json_default, ensure_ascii=False)
+        try:
+            line = json.dumps(record, default=_json_default, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            bad = sorted(k for k, v in record.items() if _nonfinite(v))
+            raise VlmJaxError(f"Record {record_id!r} for {self.path} holds a non-finite number (NaN or inf) in "
+                              f"{bad or 'a nested field'}; it is not written. Find where it stops being finite with "
+                              "model(**inputs, check_finite=True).") from None
         self._append(line.encode("utf-8") + b"\n")
         self._done.add(record_id)
         self._records.append(json.loads(line))
