@@ -152,6 +152,8 @@ def cmd_eval(args) -> int:
         raise VlmJaxError("--pope needs --images, the folder the question file's image names refer to.")
     if args.pope:
         records = load_pope(args.pope, args.images)[: args.limit]
+        if not records:
+            raise VlmJaxError(f"--pope {args.pope} holds no questions: give a JSONL file with one question per line.")
     model = vlmjax.load(args.model, progress=False)
     from vlmjax.inputs import load_processor
 
