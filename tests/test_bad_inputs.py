@@ -24,6 +24,7 @@ from vlmjax.eval.records import ResultsWriter
 from vlmjax.eval.run import evaluate_pope, load_shapes_pope
 from vlmjax.generate import generate
 from vlmjax.hooks import Capture
+from vlmjax.inputs import image_placeholder, load_processor
 from vlmjax.tiny import make_tiny_llava
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the studies are scripts
@@ -167,6 +168,18 @@ def test_a_minus_infinite_score_is_a_ruled_out_one_not_an_error(model, inputs):
     out = model(**inputs, hooks={"viar": iv.AttentionBias.on_layers(LAYERS, [2], bias=-float("inf"))},
                 check_finite=True)
     assert np.isfinite(out.logits).all()
+
+
+def test_qwen2_vl_packed_patches_pass_clean_and_name_nan_pixels():
+    model = vlmjax.load("builtin:qwen2-vl-shapes", progress=False)
+    processor = load_processor(model.path)
+    text = f"USER: {image_placeholder(processor)} is there a red circle ? ASSISTANT:"
+    inputs = dict(processor(images=[Image.new("RGB", (64, 64), (9, 90, 9))], text=[text], return_tensors="np"))
+    assert np.isfinite(model(**inputs, check_finite=True).logits).all()
+    pixels = inputs["pixel_values"].copy()
+    pixels[-1, -1] = np.nan
+    with pytest.raises(VlmJaxError, match=r"site vision\.embed \(image \[0\]\)"):
+        model(**{**inputs, "pixel_values": pixels}, check_finite=True)
 
 
 def test_the_evaluator_refuses_nan_logits_naming_the_site(root, tmp_path):
@@ -419,6 +432,7 @@ STUDY_CASES = [
     (neglect_zone, dict(zone=[1, 99]), "'zone' holds layer 99.*0..3"),
     (neglect_zone, dict(batch_size=0), "'batch_size' must be a positive integer, got 0"),
     (neglect_zone, dict(null_image=7), "'null_image' must be a str"),
+    (neglect_zone, dict(out="/sys/vlmjax-study"), "out /sys/vlmjax-study cannot be written"),
     (fusion_layers, dict(review_layer=12), "'review_layer' holds layer 12"),
     (fusion_layers, dict(soft_mask_scale=float("inf")), "'soft_mask_scale' holds inf"),
     (reliability_probes, dict(map_layer=-1), "'map_layer' holds layer -1"),
