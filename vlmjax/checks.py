@@ -5,7 +5,8 @@
   query indices, target token ids, layers) and per-layer widths fit the model and the batch, checked on the host.
 - `FiniteCheck`: a hook recording at every site whether each sample's value is finite, reduced to [B] inside the
   compiled forward (so it costs one pass over values the forward computes anyway); `raise_if_nonfinite` names the
-  first site, layer and sample where a value stopped being finite. `model(..., check_finite=True)` uses it.
+  first site, layer and sample where a value stopped being finite. `model(..., check_finite=True)` uses it; with
+  the pure forward, add `finite_hooks()` last to the hooks and pass `out["hooks"]` to `raise_if_nonfinite`.
 """
 
 from __future__ import annotations
