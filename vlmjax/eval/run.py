@@ -104,7 +104,7 @@ def check_eval_arguments(records, batch_size, max_new_tokens) -> None:
     if not records:
         raise VlmJaxError("No questions to evaluate: the question set (or --limit / --splits) selects none.")
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise VlmJaxError(f"{name} must be a positive integer, got {value!r}.")
 
 
