@@ -90,6 +90,8 @@ def _hooks(model):
                                     rf"'keep'.*{hidden}"),
         "ablation site typo": ({"ab": iv.NeuronAblation(jnp.ones((LAYERS, inter)), jnp.zeros((LAYERS, inter)),
                                                         site="mlp.hiden")}, "'mlp.hiden'.*'mlp.hidden'"),
+        "region mask shape": ({"heads": probes.VisualHeadAttention(region_mask=jnp.ones((2, 5), bool))},
+                              r"'region_mask' has shape \(2, 5\)"),
         "nan bias": ({"viar": iv.AttentionBias(jnp.asarray([0, np.nan, 0, 0], jnp.float32))}, "'viar'.*'bias'.*NaN"),
         "bias length": ({"viar": iv.AttentionBias(jnp.ones(LAYERS + 1))}, "'viar'.*'bias'.*leading axis of 4"),
     }
@@ -98,7 +100,7 @@ def _hooks(model):
 CASES = ["not a hook", "hooks not a mapping", "capture typo", "capture full name", "capture layer",
          "hidden states typo", "hidden states position", "negative position", "lens target", "lens position",
          "query index", "head mask width", "head mask layers", "ablation width", "ablation residual width",
-         "ablation site typo", "nan bias", "bias length"]
+         "ablation site typo", "region mask shape", "nan bias", "bias length"]
 
 
 @pytest.mark.parametrize("case", CASES)

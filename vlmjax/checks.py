@@ -108,6 +108,9 @@ def check_hooks(hooks: Mapping[str, Any], model, batch: Mapping[str, Any]) -> No
         for field in ("positions", "query_index"):
             _check_range(name, field, getattr(hook, field, None), length, "the batch's token positions")
         _check_range(name, "target_ids", getattr(hook, "target_ids", None), text.vocab_size, "the vocabulary")
+        if _concrete(getattr(hook, "region_mask", None)):  # (interventions' token masks have their validate)
+            _check_width(name, "region_mask", hook.region_mask, np.shape(batch["input_ids"]),
+                         "the batch [samples, tokens]")
         for field, value in vars(hook).items():
             if _concrete(value) and hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.floating) \
                     and np.isnan(np.asarray(value, np.float32)).any():
