@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from converters.keymaps import KeyMap, is_ignored
@@ -43,7 +43,15 @@ def read_hf_config(path: str | os.PathLike):
                           "*.safetensors files (save it with model.save_pretrained(dir)).")
     from transformers import AutoConfig
 
-    models.family(json.loads((path / "config.json").read_text()).get("model_type"))  # clear error if unsupported
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise VlmJaxError(f"{path / 'config.json'} is not valid JSON ({error}). The file is corrupt: restore it from "
+                          "the checkpoint's source (or re-save the model with save_pretrained).") from None
+    if not isinstance(raw, dict):
+        raise VlmJaxError(f"{path / 'config.json'} holds a {type(raw).__name__}, not a JSON object: restore it from "
+                          "the checkpoint's source.")
+    models.family(raw.get("model_type"))  # clear error if unsupported
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -105,9 +113,33 @@ def _weight_files(path: Path) -> dict[str, Path]:
                           "model.save_pretrained(dir) so the directory holds model.safetensors.")
     files = {}
     for f in singles:
-        with safe_open(str(f), framework="flax") as sf:
+        with _open_safetensors(f) as sf:
             files.update({k: f for k in sf.keys()})
     return files
+
+
+class _open_safetensors:
+    """`safe_open` whose failures (a truncated or zero-byte file) name the file and the fix."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.handle = safe_open(str(self.path), framework="flax")
+        except (SafetensorError, OSError) as error:  # a truncated, zero-byte or unreadable file
+            raise self.refuse(error) from None
+        return self.handle.__enter__()
+
+    def __exit__(self, kind, error, trace):
+        self.handle.__exit__(kind, error, trace)
+        if isinstance(error, SafetensorError):
+            raise self.refuse(error) from None
+
+    def refuse(self, error) -> VlmJaxError:
+        return VlmJaxError(f"{self.path} is not a readable safetensors file ({error}; "
+                           f"{self.path.stat().st_size} bytes): it is truncated or corrupt. Copy it again from the "
+                           "checkpoint's source, or re-save the model with save_pretrained.")
 
 
 def _to_ours(array: np.ndarray, transform: str) -> np.ndarray:
@@ -141,7 +173,7 @@ def load_params(path: str | os.PathLike, cfg, dtype=jnp.float32, progress: bool 
         by_file.setdefault(f, []).append(k)
     bar = tqdm(total=len(files), desc="reading tensors", unit="tensor", disable=not progress)
     for f, keys in by_file.items():
-        with safe_open(str(f), framework="flax") as sf:
+        with _open_safetensors(f) as sf:
             for key in keys:
                 bar.update(1)
                 if is_ignored(key):

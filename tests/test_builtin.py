@@ -75,6 +75,7 @@ def training_heldout():
 # A seeded random sample of the held-out questions (they come in yes/no pairs, so a strided one can hold only "yes"
 # questions: every 18th did). LLaVA's bar is 1.3 points below its full-split accuracy, so it gets 7,000 questions
 # (standard error about 0.2 points); Qwen2-VL's is 4.5 below, 1,500.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, least_accuracy, n_questions", [("llava-shapes", 0.95, 7000),
                                                                ("qwen2-vl-shapes", 0.9, 1500)])
 def test_answers_held_out_questions_from_the_image(name, least_accuracy, n_questions, training_heldout):
@@ -93,6 +94,7 @@ def test_answers_held_out_questions_from_the_image(name, least_accuracy, n_quest
     assert abs(black["accuracy"] - 0.5) <= 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, least_accuracy", [("llava-shapes", 0.95), ("qwen2-vl-shapes", 0.9)])
 def test_main_job_answers_from_the_image(name, least_accuracy, tmp_path, capsys):
     """README's main job, `vlmjax eval` (for Qwen2-VL with --model) on the set it generates by default: accurate

@@ -8,7 +8,7 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution  # noqa: E402

@@ -328,6 +328,7 @@ def test_visual_gradient_importance_matches_torch_autograd(setup):
 # Memory: per-layer reduction never holds every layer's attention
 
 
+@pytest.mark.slow
 def test_visual_mass_memory_stays_per_layer(tmp_path_factory):
     """Compile (no run) on a 1000+ token batch: the temp buffers of the per-layer, per-head visual mass stay near the
     plain forward's and far below all layers' attention L*B*H*N*N*4 (which a capture of attn.pattern needs)."""

@@ -86,15 +86,22 @@ class VLM:
         return self.module.forward(params, batch, self.config, hooks, **options)
 
     def __call__(self, *, output_hidden_states: bool = False, output_attentions: bool = False, hooks=None,
-                 logits: str | None = "all", params=None, **inputs) -> ModelOutput:
+                 logits: str | None = "all", params=None, check_finite: bool = False, **inputs) -> ModelOutput:
+        """The forward on processor outputs. With `check_finite`, a VlmJaxError names the first site, layer and
+        sample where a value stopped being finite (`vlmjax.checks.FiniteCheck`, reduced inside the forward)."""
         batch, meta = self.prepare(inputs)
+        from vlmjax.checks import check_hooks, finite_hooks, raise_if_nonfinite
         from vlmjax.hooks import check_per_layer, validate_hooks
 
+        check_hooks(hooks or {}, self, batch)
+        hooks = {**ordered(hooks), **finite_hooks()} if check_finite else hooks
         check_per_layer(hooks or {}, self.num_layers)
         validate_hooks(hooks or {}, meta)
         out = self._jitted(self.params if params is None else params, batch, ordered(hooks),
                            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                            logits=logits)
+        if check_finite:
+            raise_if_nonfinite(out["hooks"])
         out = ModelOutput(out)
         out["visual"] = meta
         return out
@@ -104,8 +111,9 @@ def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
     """Load an HF checkpoint directory, a `vlmjax convert` output directory or a shipped model ("builtin:NAME").
     `dtype` defaults to the stored one for converted checkpoints and to float32 for HF directories."""
     from vlmjax.builtin import resolve as resolve_builtin
+    from vlmjax.checks import check_params_finite, resolve_dtype
 
-    path = resolve_builtin(path)
+    path, dtype = resolve_builtin(path), resolve_dtype(dtype)
 
     from converters import hf as hf_conv
     from converters import orbax_io
@@ -124,4 +132,5 @@ def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
         params = orbax_io.restore(path, abstract)
     else:
         params = hf_conv.load_params(path, cfg, dtype or jnp.float32, progress=progress)
+    check_params_finite(params, path)
     return VLM(cfg, jax.tree.map(jnp.asarray, params), hf_config, path)

@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from vlmjax import builtin
+from vlmjax.checks import dtype_name, positive_int, writable_dir
+from vlmjax.data.shapes import POPE_SPLITS
 from vlmjax.errors import VlmJaxError
+from vlmjax.tiny import VARIANTS
 
 TOLERANCE = 1e-4
 EXAMPLE_SIZES = ((80, 60), (48, 96), (64, 64))  # (height, width) of the example images
@@ -35,16 +38,39 @@ def _example_inputs(path: Path, num_images: int = 2, seed: int = 0):
 
 
 def cmd_convert(args) -> int:
+    """Write into a temporary directory beside the target, then rename it into place: a failed or killed
+    conversion never leaves a half-written model, and a non-empty target is replaced only with --overwrite."""
+    import os
+    import shutil
+
     import jax.numpy as jnp
 
     from converters import hf, orbax_io
     from vlmjax import models
+    from vlmjax.checks import check_params_finite
 
+    dst = Path(args.dst).resolve()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise VlmJaxError(f"The target {dst} is not empty (it would mix two models' files): choose a new or empty "
+                          "directory, or pass --overwrite to replace it.")
     hf_config = hf.read_hf_config(args.src)
     cfg = models.from_hf(hf_config)
     params = hf.load_params(args.src, cfg, jnp.dtype(args.dtype), progress=True)
-    out = orbax_io.save(params, hf_config, args.dst, source_dir=args.src)
-    print(f"converted {args.src} -> {out} ({args.dtype})")
+    check_params_finite(params, args.src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    try:
+        orbax_io.save(params, hf_config, staging, source_dir=args.src)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", dir=dst.parent))
+            os.replace(dst, old / "old")
+            os.replace(staging, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"converted {args.src} -> {dst} ({args.dtype})")
     return 0
 
 
@@ -56,6 +82,8 @@ def cmd_verify(args) -> int:
     from vlmjax.reference import compare, load_hf_model, run_hf
 
     path = Path(args.path) if args.path else None
+    if path is not None and not args.tiny:
+        check_model_dir(path)
     if args.tiny:
         from vlmjax.tiny import make_tiny_llava
 
@@ -75,6 +103,17 @@ def cmd_verify(args) -> int:
     ok = result.worst <= args.tolerance
     print(f"{'PASS' if ok else 'FAIL'}: worst max|Δ| {result.worst:.3e} (tolerance {args.tolerance:.0e})")
     return 0 if ok else 1
+
+
+def check_model_dir(path: Path) -> None:
+    """A checkpoint directory with its processor files, which verify needs to build its example inputs."""
+    from converters.hf import read_hf_config
+
+    read_hf_config(path)
+    if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        raise VlmJaxError(f"{path} has a config.json but no processor files (preprocessor_config.json or "
+                          "processor_config.json, with the tokenizer files): verify builds its inputs with the "
+                          "checkpoint's processor. Save it beside the weights with processor.save_pretrained(dir).")
 
 
 def cmd_info(args) -> int:
@@ -106,34 +145,41 @@ def cmd_eval(args) -> int:
     import vlmjax
     from vlmjax.data.loaders import load_pope
     from vlmjax.eval.pope import format_table, score_pope
-    from vlmjax.eval.run import evaluate_pope, load_shapes_pope, shapes_image_size
+    from vlmjax.eval.run import evaluate_pope, load_shapes_pope, shapes_dataset, shapes_image_size
 
+    out = writable_dir(args.out)
+    if args.pope and not args.images:
+        raise VlmJaxError("--pope needs --images, the folder the question file's image names refer to.")
+    if args.pope:
+        records = load_pope(args.pope, args.images)[: args.limit]
+        if not records:
+            raise VlmJaxError(f"--pope {args.pope} holds no questions: give a JSONL file with one question per line.")
     model = vlmjax.load(args.model, progress=False)
     from vlmjax.inputs import load_processor
 
     processor = load_processor(model.path)
-    out = Path(args.out)
-    if args.pope:
-        if not args.images:
-            raise VlmJaxError("--pope needs --images, the folder the question file's image names refer to.")
-        records = load_pope(args.pope, args.images)[: args.limit]
-    else:
-        data = Path(args.data) if args.data else out / "data"
-        if not (data / "dataset.json").is_file():
-            from vlmjax.data.shapes import generate_dataset
-
-            side = shapes_image_size(model, processor)
-            print(f"generating a shapes-world POPE set ({args.n_images} images of {side}x{side}, seed {args.seed}) "
-                  f"in {data}")
-            generate_dataset(str(data), args.n_images, args.seed, image_size=side)
+    if not args.pope:
+        data = shapes_dataset(args.data, out, args.n_images, args.seed, shapes_image_size(model, processor),
+                              args.overwrite)
         records = load_shapes_pope(data, splits=args.splits, limit=args.limit)
     name = f"results{'-' + args.null_image if args.null_image else ''}.jsonl"
     results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
-                            image_kind=args.null_image, logdir=out / "tensorboard")
+                            image_kind=args.null_image, logdir=out / "tensorboard", data=args.pope or data,
+                            overwrite=args.overwrite)
     print(f"{model.path} on {len(records)} questions{' with ' + args.null_image + ' images' if args.null_image else ''}"
           f" (records: {out / name})")
     print(format_table(score_pope(r for r in results if r["id"] in {q.question_id for q in records})))
     return 0
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -142,27 +188,30 @@ def main(argv=None) -> int:
     p = sub.add_parser("convert", help="HF checkpoint directory -> vlmjax orbax directory")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", type=dtype_name, help="float32, bfloat16 or float16 (fp32, bf16, fp16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty target directory")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="per-layer max |Δ| of vlmjax vs the HF PyTorch reference")
     p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files) or builtin:NAME")
     p.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA (into PATH or a temp dir)")
-    p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.tiny.VARIANTS)")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE)
+    p.add_argument("--variant", default="gqa", choices=sorted(VARIANTS), help="tiny model variant")
+    p.add_argument("--tolerance", type=positive_float, default=TOLERANCE)
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("eval", help="POPE-style evaluation (resumable; records appended as they are done)")
     p.add_argument("--model", default="builtin:llava-shapes", help="checkpoint directory or builtin:NAME")
     p.add_argument("--data", help="a shapes-world dataset directory (generated into OUT/data if absent)")
     p.add_argument("--pope", help="a POPE question file (JSONL: question_id, image, text, label) instead of --data")
     p.add_argument("--images", help="image folder for --pope")
-    p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
-    p.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
-    p.add_argument("--n-images", type=int, default=300,
+    p.add_argument("--splits", nargs="+", default=list(POPE_SPLITS), choices=POPE_SPLITS)
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many questions per split")
+    p.add_argument("--n-images", type=positive_int, default=300,
                    help="images to generate when no dataset is given (a fifth are the test images asked about)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--null-image", choices=["black", "gray"], help="replace every image (does the model look?)")
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard records in --out written by another model, settings or data (else refused)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
     p.add_argument("path")

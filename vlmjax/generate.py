@@ -18,6 +18,7 @@ import numpy as np
 
 from vlmjax import dola
 from vlmjax.api import ordered
+from vlmjax.checks import check_hooks
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Context, Hook, SiteRunner
 from vlmjax.models import decoder
@@ -155,7 +156,14 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
         raise VlmJaxError("Sampling needs an explicit PRNG key: generate(..., do_sample=True, key=jax.random.key(0)).")
     if temperature <= 0 or not 0 < top_p <= 1:
         raise VlmJaxError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and {top_p}.")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise VlmJaxError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    vocab = model.config.text.vocab_size
+    for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if token is not None and not 0 <= token < vocab:
+            raise VlmJaxError(f"{name} {token} is outside the vocabulary [0, {vocab}); use the tokenizer's.")
     batch, _ = model.prepare(inputs)
+    check_hooks(hooks or {}, model, batch)
     contrastive = contrast_pixel_values is not None
     if return_dola and dola_layers is None:
         raise VlmJaxError("return_dola needs DoLa decoding: pass dola_layers=[...] too.")

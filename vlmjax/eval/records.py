@@ -22,6 +22,9 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from vlmjax.errors import VlmJaxError
+from vlmjax.fingerprint import claim, sidecar
+
 
 def _json_default(value):
     """Let numpy / JAX scalars and arrays through json.dumps."""
@@ -32,12 +35,22 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _nonfinite(value) -> bool:
+    """A number or numeric array holding NaN or inf (what a record must never carry)."""
+    try:
+        return not np.isfinite(np.asarray(value, dtype=float)).all()
+    except (TypeError, ValueError):
+        return False
+
+
 class ResultsWriter:
     """Append-only JSONL results file that resumes after a crash; see the module docstring."""
 
-    def __init__(self, path: str, id_key: str = "id"):
+    def __init__(self, path: str, id_key: str = "id", fingerprint: Mapping | None = None, overwrite: bool = False):
         self.path = path
         self.id_key = id_key
+        self.fingerprint = fingerprint  # see vlmjax.fingerprint: a resume must match it
+        self.overwrite = overwrite  # discard the records already in the file
         self._records: list[dict] = []
         self._done: set = set()
         self._handle = None
@@ -60,8 +73,12 @@ class ResultsWriter:
             handle.close()
             raise RuntimeError(f"{self.path} is locked by another running process; run one writer per file") from None
         self._handle = handle
+        if self.overwrite:
+            handle.truncate(0)
         handle.seek(0)
         self._recover(handle.read())
+        if self.fingerprint is not None:
+            claim(sidecar(self.path), self.fingerprint, bool(self._records), self.path)
 
     def _recover(self, content: bytes) -> None:
         lines = content.split(b"\n")
@@ -72,8 +89,9 @@ class ResultsWriter:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{self.path} line {number} is not JSON but is followed by complete lines, so it is "
-                                 "not a crash artifact; fix or remove that line by hand") from None
+                raise VlmJaxError(f"{self.path} line {number} is not JSON but is followed by complete lines, so it is "
+                                  "not a crash artifact (an edit by hand?). Fix or delete that line and resume, or "
+                                  "start again: a fresh output directory, or --overwrite (overwrite=True)") from None
             self._remember(record, number)
         if tail.strip():
             try:
@@ -90,9 +108,11 @@ class ResultsWriter:
 
     def _remember(self, record, line_number: int) -> None:
         if not isinstance(record, dict) or self.id_key not in record:
-            raise ValueError(f"{self.path} line {line_number} is not a JSON object with key {self.id_key!r}")
+            raise VlmJaxError(f"{self.path} line {line_number} is not a JSON object with key {self.id_key!r}. Fix or "
+                              "delete that line, or start again with a fresh output directory or --overwrite")
         if record[self.id_key] in self._done:
-            raise ValueError(f"{self.path} line {line_number} repeats id {record[self.id_key]!r}")
+            raise VlmJaxError(f"{self.path} line {line_number} repeats id {record[self.id_key]!r}. Delete that line, "
+                              "or start again with a fresh output directory or --overwrite")
         self._done.add(record[self.id_key])
         self._records.append(record)
 
@@ -131,7 +151,13 @@ class ResultsWriter:
         if record_id in self._done:
             return False
         record = {**record, self.id_key: record_id}
-        line = json.dumps(record, default=_json_default, ensure_ascii=False)
+        try:
+            line = json.dumps(record, default=_json_default, ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            bad = sorted(k for k, v in record.items() if _nonfinite(v))
+            raise VlmJaxError(f"Record {record_id!r} for {self.path} holds a non-finite number (NaN or inf) in "
+                              f"{bad or 'a nested field'}; it is not written. Find where it stops being finite with "
+                              "model(**inputs, check_finite=True).") from None
         self._append(line.encode("utf-8") + b"\n")
         self._done.add(record_id)
         self._records.append(json.loads(line))
