@@ -14,7 +14,7 @@ from vlmjax.eval.run import DEFAULT_PROMPT, answer_token_ids, load_shapes_pope, 
 def setup(config: dict):
     """(model, processor, POPE-style records, output dir) for a study config (model, data or n_images + seed,
     splits, limit_per_split, out)."""
-    from vlmjax.inputs import load_processor
+    from vlmjax import load_processor
 
     model = vlmjax.load(config["model"], progress=False)
     processor = load_processor(model.path)

@@ -13,25 +13,6 @@ from vlmjax import builtin
 from vlmjax.errors import VlmJaxError
 
 TOLERANCE = 1e-4
-EXAMPLE_SIZES = ((80, 60), (48, 96), (64, 64))  # (height, width) of the example images
-
-
-def _example_inputs(path: Path, num_images: int = 2, seed: int = 0):
-    """Processor outputs for a padded batch of `num_images` prompts, each with one random image."""
-    from PIL import Image
-
-    from vlmjax.inputs import load_processor
-
-    processor = load_processor(path)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray((rng.random((*EXAMPLE_SIZES[i % 3], 3)) * 255).astype("uint8"))
-              for i in range(num_images)]
-    token = getattr(processor, "image_token", "<image>")
-    texts = [f"USER: {token} what is in the image ? ASSISTANT:",
-             f"USER: {token} how many red circle are there in the box ? yes or no ? ASSISTANT: the"][:num_images]
-    if hasattr(processor, "tokenizer"):
-        processor.tokenizer.padding_side = "left"
-    return processor, dict(processor(images=images, text=texts, return_tensors="np", padding=True))
 
 
 def cmd_convert(args) -> int:
@@ -52,23 +33,18 @@ def cmd_verify(args) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    import vlmjax
-    from vlmjax.reference import compare, load_hf_model, run_hf
+    from vlmjax.verify import verify
 
     path = Path(args.path) if args.path else None
     if args.tiny:
-        from vlmjax.tiny import make_tiny_llava
+        from vlmjax.testing.tiny import make_tiny_llava
 
         path = Path(args.path or tempfile.mkdtemp(prefix="vlmjax-tiny-"))
         make_tiny_llava(path, variant=args.variant)
         print(f"built a tiny random LLaVA ({args.variant}) in {path}")
     if path is None:
         raise VlmJaxError("Give a checkpoint directory, or --tiny to build a tiny model to verify.")
-    _, inputs = _example_inputs(path)
-    model = vlmjax.load(path, dtype="float32", progress=False)
-    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
-    theirs = run_hf(load_hf_model(path), inputs)
-    result = compare(ours, theirs)
+    result, inputs = verify(path)
     print(f"vlmjax vs HF PyTorch (fp32, eager attention), batch of {inputs['input_ids'].shape[0]}, "
           f"{inputs['input_ids'].shape[1]} tokens:")
     print(result.table())
@@ -93,7 +69,9 @@ def cmd_info(args) -> int:
     rest = {k: v for k, v in vars(cfg).items() if k not in ("vision", "text")}
     print("model: " + ", ".join(f"{k}={v}" for k, v in rest.items()))
     if (Path(args.path) / "processor_config.json").exists() or (Path(args.path) / "preprocessor_config.json").exists():
-        processor, inputs = _example_inputs(Path(args.path), num_images=1)
+        from vlmjax.verify import EXAMPLE_SIZES, example_inputs
+
+        _, inputs = example_inputs(Path(args.path), num_images=1)
         model_module = models.family(cfg.model_type)
         _, meta = model_module.prepare_batch(cfg, inputs, "float32")
         height, width = EXAMPLE_SIZES[0]
@@ -109,9 +87,7 @@ def cmd_eval(args) -> int:
     from vlmjax.eval.run import evaluate_pope, load_shapes_pope, shapes_image_size
 
     model = vlmjax.load(args.model, progress=False)
-    from vlmjax.inputs import load_processor
-
-    processor = load_processor(model.path)
+    processor = vlmjax.load_processor(model.path)
     out = Path(args.out)
     if args.pope:
         if not args.images:
@@ -147,7 +123,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("verify", help="per-layer max |Δ| of vlmjax vs the HF PyTorch reference")
     p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files) or builtin:NAME")
     p.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA (into PATH or a temp dir)")
-    p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.tiny.VARIANTS)")
+    p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.testing.tiny.VARIANTS)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE)
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("eval", help="POPE-style evaluation (resumable; records appended as they are done)")

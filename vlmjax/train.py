@@ -44,7 +44,7 @@ from vlmjax.eval.run import answer_token_ids
 from vlmjax.inputs import image_placeholder
 from vlmjax.models import llava, qwen2_vl
 from vlmjax.models.llava import merge_image_features
-from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
+from vlmjax.processors import IMAGE_TOKEN, build_tokenizer
 
 PROMPT = "USER: {image} {question} ASSISTANT:"
 FAMILIES = ("llava", "qwen2_vl")
@@ -113,7 +113,7 @@ def build_processor(cfg: TrainConfig):
     if cfg.family == "qwen2_vl":
         from transformers import Qwen2VLImageProcessorPil
 
-        from vlmjax.tiny_qwen2_vl import build_processor as qwen_processor
+        from vlmjax.processors import build_qwen2_vl_processor as qwen_processor
 
         side = cfg.image_size
         image_processor = Qwen2VLImageProcessorPil(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2,
@@ -144,7 +144,7 @@ def hf_config(cfg: TrainConfig, tokenizer):
                 vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     if cfg.family == "qwen2_vl":
-        from vlmjax.tiny_qwen2_vl import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+        from vlmjax.processors import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
         pairs = cfg.text_hidden // cfg.heads // 2  # rotary pairs split as in Qwen2-VL: 1/4 time, 3/8 row, 3/8 col
         section = [pairs // 4, (pairs - pairs // 4) // 2, pairs - pairs // 4 - (pairs - pairs // 4) // 2]
@@ -176,7 +176,7 @@ def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
     model = model_class(hf_config(cfg, processor.tokenizer)).eval()
     model.save_pretrained(str(out_dir))
     if cfg.family == "qwen2_vl":
-        from vlmjax.tiny_qwen2_vl import save_processor
+        from vlmjax.processors import save_qwen2_vl_processor as save_processor
 
         save_processor(processor, out_dir)
     else:
