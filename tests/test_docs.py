@@ -1,5 +1,6 @@
-"""docs/sites.md is what the forward does: its site tables list exactly the sites each family's forward calls
-(and `vlmjax.hooks` accepts), with the shapes of their values."""
+"""The docs are the repository's own and true: docs/sites.md's site tables list exactly the sites each family's
+forward calls (and `vlmjax.hooks` accepts), with the shapes of their values; every "methods §N" citation resolves to a
+section of docs/methods.md; nothing refers to files outside the repository."""
 
 import re
 from pathlib import Path
@@ -17,7 +18,11 @@ from vlmjax.testing.tiny import make_tiny_llava
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
-SITES_MD = Path(__file__).parents[1] / "docs" / "sites.md"
+ROOT = Path(__file__).parents[1]
+SITES_MD = ROOT / "docs" / "sites.md"
+METHODS_MD = ROOT / "docs" / "methods.md"
+SOURCES = [p for d in ("vlmjax", "converters", "experiments", "benchmarks", "tests", "docs") for p in (ROOT / d).rglob("*")
+           if p.suffix in (".py", ".md", ".json") and "builtin" not in p.parts] + [ROOT / "README.md"]
 FAMILIES = {  # family: (builder, image placeholder, (height, width) of the two prompts' images)
     "llava": (make_tiny_llava, "<image>", ((56, 56), (40, 70))),
     "llava_next": (make_tiny_llava_next, "<image>", ((28, 56), (50, 30))),
@@ -116,3 +121,17 @@ def test_the_vision_tower_has_no_rotated_keys_site():
     with pytest.raises(vlmjax.VlmJaxError, match="Unknown site"):
         parse_site("vision.blocks.0.attn.rot_k", {"blocks": 2, "vision.blocks": 2})
     assert parse_site("blocks.1.attn.rot_k", {"blocks": 2, "vision.blocks": 2}) == ("blocks", 1, "attn.rot_k")
+
+
+def test_every_methods_citation_names_a_section_of_methods_md():
+    sections = set(re.findall(r"^## (\d+)\. ", METHODS_MD.read_text(), re.M))
+    assert sections == {"1", "2", "3", "4", "5", "6"}
+    cited = {(p.relative_to(ROOT).as_posix(), n) for p in SOURCES
+             for n in re.findall(r"methods(?:\.md)? §(\d+)", p.read_text())}
+    assert len(cited) >= 30  # the pattern finds the citations (35 file-section pairs when written)
+    assert {c for c in cited if c[1] not in sections} == set()
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    outside = ("SPEC" + ".md", "../" + "shared", "seeds" + "/", "/" + "work/")
+    assert [(p.relative_to(ROOT).as_posix(), o) for p in SOURCES for o in outside if o in p.read_text()] == []
