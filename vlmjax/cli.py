@@ -114,34 +114,40 @@ def cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlmjax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do (`vlmjax COMMAND --help` for its flags)")
     p = sub.add_parser("convert", help="HF checkpoint directory -> vlmjax orbax directory")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("src", help="HF checkpoint directory (config, safetensors, processor files) or builtin:NAME")
+    p.add_argument("dst", help="output directory: the orbax checkpoint with the config and processor files beside it")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the parameters are stored in (default: %(default)s)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="per-layer max |Δ| of vlmjax vs the HF PyTorch reference")
     p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files) or builtin:NAME")
     p.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA (into PATH or a temp dir)")
     p.add_argument("--variant", default="gqa", help="tiny model variant (see vlmjax.testing.tiny.VARIANTS)")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE)
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="largest max |Δ| (logits, hidden states, attentions) that passes (default: %(default)s)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("eval", help="POPE-style evaluation (resumable; records appended as they are done)")
     p.add_argument("--model", default="builtin:llava-shapes", help="checkpoint directory or builtin:NAME")
     p.add_argument("--data", help="a shapes-world dataset directory (generated into OUT/data if absent)")
     p.add_argument("--pope", help="a POPE question file (JSONL: question_id, image, text, label) instead of --data")
     p.add_argument("--images", help="image folder for --pope")
-    p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
+    p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"],
+                   help="POPE negative-sampling splits of a shapes-world set to ask (default: all three)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions per split")
     p.add_argument("--n-images", type=int, default=300,
                    help="images to generate when no dataset is given (a fifth are the test images asked about)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the generated set (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="prompts per forward; the last batch is padded, so one compile serves all (default: %(default)s)")
     p.add_argument("--null-image", choices=["black", "gray"], help="replace every image (does the model look?)")
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default="runs/eval",
+                   help="directory of the records (JSONL, resumed if present), TensorBoard logs and a generated set "
+                        "(default: %(default)s)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
-    p.add_argument("path")
+    p.add_argument("path", help="HF checkpoint directory or builtin:NAME")
     p.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     try:
