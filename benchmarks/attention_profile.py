@@ -30,7 +30,7 @@ SHAPE = dict(image_size=336, patch_size=14, text_layers=8, text_hidden=512, text
 
 
 def build(path: Path) -> None:
-    from vlmjax.tiny import make_tiny_llava
+    from vlmjax.testing.tiny import make_tiny_llava
 
     s = SHAPE
     make_tiny_llava(path, variant="mha", vocab_size=s["vocab"], image_size=s["image_size"], patch_size=s["patch_size"],
@@ -100,7 +100,7 @@ def run_one(kind: str, path: str, batch: int, repeats: int) -> dict:
     if kind.startswith("hf"):
         import torch
 
-        from vlmjax.reference import load_hf_model
+        from vlmjax.verify import load_hf_model
 
         torch.set_grad_enabled(False)
         model = load_hf_model(path)

@@ -10,7 +10,7 @@ import vlmjax
 from vlmjax.data.shapes import generate_dataset
 from vlmjax.eval.pope import score_pope
 from vlmjax.eval.run import evaluate_pope, load_shapes_pope
-from vlmjax.inputs import load_processor
+from vlmjax import load_processor
 
 SETS = {1234: 300, 4321: 150, 777: 300}  # seed: images (1234/300 is `vlmjax eval`'s default)
 

@@ -29,7 +29,7 @@ def setup(config: dict):
     """(model, processor, POPE-style records, output dir) for a study config (model, data or n_images + seed,
     splits, limit_per_split, out). Records already in `out` must come from the same model, settings and data
     (`vlmjax.fingerprint`, kept in out/fingerprint.json); config["overwrite"] discards them."""
-    from vlmjax.inputs import load_processor
+    from vlmjax import load_processor
 
     check_values(config)
     out = writable_dir(config["out"], "out")

@@ -24,8 +24,9 @@ from vlmjax.eval.records import ResultsWriter
 from vlmjax.eval.run import evaluate_pope, load_shapes_pope
 from vlmjax.generate import generate
 from vlmjax.hooks import Capture
-from vlmjax.inputs import image_placeholder, load_processor
-from vlmjax.tiny import make_tiny_llava
+from vlmjax import load_processor
+from vlmjax.inputs import image_placeholder
+from vlmjax.testing.tiny import make_tiny_llava
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the studies are scripts
 import fusion_layers  # noqa: E402

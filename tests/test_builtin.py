@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import vlmjax
-from vlmjax import builtin, cli, train
+from vlmjax import builtin, cli, load_processor, train
 from vlmjax.data.shapes import generate_dataset
 from vlmjax.eval.pope import score_pope
 from vlmjax.eval.run import DEFAULT_PROMPT, load_shapes_pope
 from vlmjax.generate import generate
-from vlmjax.inputs import image_placeholder, load_processor
-from vlmjax.reference import load_hf_model
+from vlmjax.inputs import image_placeholder
+from vlmjax.verify import load_hf_model
 
 BUILTINS = ("llava-shapes", "qwen2-vl-shapes")
 

@@ -4,8 +4,8 @@ checkpoint directory, as on a user's real checkpoint)."""
 import pytest
 
 from vlmjax import cli
-from vlmjax.tiny_llava_next import make_tiny_llava_next
-from vlmjax.tiny_qwen2_vl import make_tiny_qwen2_vl
+from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
+from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
 
 @pytest.mark.parametrize("make", [make_tiny_llava_next, make_tiny_qwen2_vl])

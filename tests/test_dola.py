@@ -8,8 +8,8 @@ from PIL import Image
 import vlmjax
 from vlmjax import generate as gen
 from vlmjax.errors import VlmJaxError
-from vlmjax.reference import load_hf_model
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.verify import load_hf_model
+from vlmjax.testing.tiny import make_tiny_llava
 
 PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:",
            "USER: <image> how many red circle are there in the box on the left ? ASSISTANT: the"]

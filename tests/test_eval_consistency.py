@@ -9,7 +9,7 @@ from vlmjax import load
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.consistency import agreement_rate, self_consistency
 from vlmjax.eval.pope import parse_yes_no
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.testing.tiny import make_tiny_llava
 
 
 def test_agreement_rate_by_hand():

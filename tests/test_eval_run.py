@@ -15,7 +15,7 @@ import vlmjax
 from vlmjax import cli
 from vlmjax.data.shapes import generate_dataset
 from vlmjax.eval.run import evaluate_pope, load_shapes_pope, null_image
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.testing.tiny import make_tiny_llava
 
 LIMIT = 8  # questions per split: 24 in all
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.testing.tiny import make_tiny_llava
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the studies are scripts
 import neglect_zone  # noqa: E402

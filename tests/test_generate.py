@@ -9,8 +9,8 @@ from PIL import Image
 import vlmjax
 from vlmjax import generate as gen
 from vlmjax.errors import VlmJaxError
-from vlmjax.reference import load_hf_model
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.verify import load_hf_model
+from vlmjax.testing.tiny import make_tiny_llava
 
 PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:",
            "USER: <image> how many red circle are there in the box on the left ? yes or no ? ASSISTANT: the"]
@@ -98,8 +98,8 @@ def _hf_greedy(path, inputs, new):
 def test_greedy_matches_hf_for_llava_next_and_qwen2_vl(tmp_path):
     """The other families decode through their own positions: LLaVA-NeXT's anyres prompt, Qwen2-VL's M-RoPE
     (the step position is the absolute index plus rope_deltas, the three axes together)."""
-    from vlmjax.tiny_llava_next import make_tiny_llava_next
-    from vlmjax.tiny_qwen2_vl import make_tiny_qwen2_vl
+    from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
+    from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
     rng = np.random.default_rng(2)
     pictures = [Image.fromarray((rng.random(s) * 255).astype("uint8")) for s in ((40, 70, 3), (56, 28, 3))]

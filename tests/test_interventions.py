@@ -16,8 +16,8 @@ import vlmjax
 from vlmjax import interventions as iv
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, validate_hooks
-from vlmjax.reference import load_hf_model
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.verify import load_hf_model
+from vlmjax.testing.tiny import make_tiny_llava
 
 TOL = 1e-4
 LAYERS = 18  # VIAR's zone 8-16 needs 17+ layers

@@ -13,8 +13,8 @@ from converters import hf as hf_conv
 from converters.keymaps import canonical_key
 from vlmjax import cli
 from vlmjax.errors import VlmJaxError
-from vlmjax.reference import compare, load_hf_model, run_hf
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.verify import compare, load_hf_model, run_hf
+from vlmjax.testing.tiny import make_tiny_llava
 
 TOL = 1e-4
 IMG = "<image>"

@@ -19,8 +19,8 @@ from converters.hf import save_hf  # noqa: E402
 from converters.keymaps import canonical_key  # noqa: E402
 from vlmjax.errors import VlmJaxError  # noqa: E402
 from vlmjax.models import llava_next  # noqa: E402
-from vlmjax.reference import compare, load_hf_model, run_hf  # noqa: E402
-from vlmjax.tiny_llava_next import PINPOINTS, VARIANTS, make_tiny_llava_next  # noqa: E402
+from vlmjax.verify import compare, load_hf_model, run_hf  # noqa: E402
+from vlmjax.testing.tiny_llava_next import PINPOINTS, VARIANTS, make_tiny_llava_next  # noqa: E402
 from vlmjax.visual import BASE, CROP, NEWLINE, TEXT  # noqa: E402
 
 TOLERANCE = 1e-4

@@ -10,7 +10,7 @@ from vlmjax import probes
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture
 from vlmjax.metrics import batched_rid
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.testing.tiny import make_tiny_llava
 from vlmjax.visual import llava_visual_tokens
 
 

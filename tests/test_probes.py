@@ -15,8 +15,8 @@ import vlmjax
 from vlmjax import interventions as iv
 from vlmjax import probes
 from vlmjax.errors import VlmJaxError
-from vlmjax.reference import load_hf_model, run_hf
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.verify import load_hf_model, run_hf
+from vlmjax.testing.tiny import make_tiny_llava
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LAYERS = 4

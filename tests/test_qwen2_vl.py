@@ -16,8 +16,9 @@ import vlmjax
 from converters import hf as hf_conv
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, VisionCapture
-from vlmjax.reference import compare, load_hf_model, run_hf
-from vlmjax.tiny_qwen2_vl import IMAGE_PROMPT, make_tiny_qwen2_vl
+from vlmjax.verify import compare, load_hf_model, run_hf
+from vlmjax.processors import IMAGE_PROMPT
+from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
 TOL = 1e-4
 # (height, width) -> merged grids with the tiny processor's pixel budget: 4x4 patches (16, 4 tokens),

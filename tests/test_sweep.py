@@ -9,7 +9,7 @@ import vlmjax
 from vlmjax import interventions as iv
 from vlmjax.errors import VlmJaxError
 from vlmjax.sweep import make_sweep, sweep
-from vlmjax.tiny import make_tiny_llava
+from vlmjax.testing.tiny import make_tiny_llava
 
 LAYERS, ZONE = 6, range(3, 5)
 

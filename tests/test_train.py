@@ -107,7 +107,7 @@ def test_run_saves_an_hf_directory_with_a_report(tmp_path):
     saved = json.loads((tmp_path / "training_report.json").read_text())
     assert saved["test_accuracy"] == report["test_accuracy"] and set(saved["test_accuracy_by_split"]) == {
         "random", "popular", "adversarial"}
-    from vlmjax.inputs import load_processor
+    from vlmjax import load_processor
 
     assert vlmjax.load(tmp_path, progress=False).config.image_token_id == load_processor(tmp_path).image_token_id
 

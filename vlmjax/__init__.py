@@ -2,5 +2,6 @@
 
 from vlmjax.api import VLM, ModelOutput, load
 from vlmjax.errors import VlmJaxError
+from vlmjax.processors import load_processor
 
-__all__ = ["VLM", "ModelOutput", "VlmJaxError", "load"]
+__all__ = ["VLM", "ModelOutput", "VlmJaxError", "load", "load_processor"]

@@ -13,28 +13,9 @@ from vlmjax import builtin
 from vlmjax.checks import dtype_name, positive_int, writable_dir
 from vlmjax.data.shapes import POPE_SPLITS
 from vlmjax.errors import VlmJaxError
-from vlmjax.tiny import VARIANTS
+from vlmjax.testing.tiny import VARIANTS
 
 TOLERANCE = 1e-4
-EXAMPLE_SIZES = ((80, 60), (48, 96), (64, 64))  # (height, width) of the example images
-
-
-def _example_inputs(path: Path, num_images: int = 2, seed: int = 0):
-    """Processor outputs for a padded batch of `num_images` prompts, each with one random image."""
-    from PIL import Image
-
-    from vlmjax.inputs import load_processor
-
-    processor = load_processor(path)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray((rng.random((*EXAMPLE_SIZES[i % 3], 3)) * 255).astype("uint8"))
-              for i in range(num_images)]
-    token = getattr(processor, "image_token", "<image>")
-    texts = [f"USER: {token} what is in the image ? ASSISTANT:",
-             f"USER: {token} how many red circle are there in the box ? yes or no ? ASSISTANT: the"][:num_images]
-    if hasattr(processor, "tokenizer"):
-        processor.tokenizer.padding_side = "left"
-    return processor, dict(processor(images=images, text=texts, return_tensors="np", padding=True))
 
 
 def cmd_convert(args) -> int:
@@ -78,25 +59,20 @@ def cmd_verify(args) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    import vlmjax
-    from vlmjax.reference import compare, load_hf_model, run_hf
+    from vlmjax.verify import verify
 
     path = Path(args.path) if args.path else None
     if path is not None and not args.tiny:
         check_model_dir(path)
     if args.tiny:
-        from vlmjax.tiny import make_tiny_llava
+        from vlmjax.testing.tiny import make_tiny_llava
 
         path = Path(args.path or tempfile.mkdtemp(prefix="vlmjax-tiny-"))
         make_tiny_llava(path, variant=args.variant)
         print(f"built a tiny random LLaVA ({args.variant}) in {path}")
     if path is None:
         raise VlmJaxError("Give a checkpoint directory, or --tiny to build a tiny model to verify.")
-    _, inputs = _example_inputs(path)
-    model = vlmjax.load(path, dtype="float32", progress=False)
-    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
-    theirs = run_hf(load_hf_model(path), inputs)
-    result = compare(ours, theirs)
+    result, inputs = verify(path)
     print(f"vlmjax vs HF PyTorch (fp32, eager attention), batch of {inputs['input_ids'].shape[0]}, "
           f"{inputs['input_ids'].shape[1]} tokens:")
     print(result.table())
@@ -132,7 +108,9 @@ def cmd_info(args) -> int:
     rest = {k: v for k, v in vars(cfg).items() if k not in ("vision", "text")}
     print("model: " + ", ".join(f"{k}={v}" for k, v in rest.items()))
     if (Path(args.path) / "processor_config.json").exists() or (Path(args.path) / "preprocessor_config.json").exists():
-        processor, inputs = _example_inputs(Path(args.path), num_images=1)
+        from vlmjax.verify import EXAMPLE_SIZES, example_inputs
+
+        _, inputs = example_inputs(Path(args.path), num_images=1)
         model_module = models.family(cfg.model_type)
         _, meta = model_module.prepare_batch(cfg, inputs, "float32")
         height, width = EXAMPLE_SIZES[0]
@@ -155,9 +133,7 @@ def cmd_eval(args) -> int:
         if not records:
             raise VlmJaxError(f"--pope {args.pope} holds no questions: give a JSONL file with one question per line.")
     model = vlmjax.load(args.model, progress=False)
-    from vlmjax.inputs import load_processor
-
-    processor = load_processor(model.path)
+    processor = vlmjax.load_processor(model.path)
     if not args.pope:
         data = shapes_dataset(args.data, out, args.n_images, args.seed, shapes_image_size(model, processor),
                               args.overwrite)
@@ -184,37 +160,44 @@ def positive_float(text: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlmjax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do (`vlmjax COMMAND --help` for its flags)")
     p = sub.add_parser("convert", help="HF checkpoint directory -> vlmjax orbax directory")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--dtype", default="float32", type=dtype_name, help="float32, bfloat16 or float16 (fp32, bf16, fp16)")
+    p.add_argument("src", help="HF checkpoint directory (config, safetensors, processor files) or builtin:NAME")
+    p.add_argument("dst", help="output directory: the orbax checkpoint with the config and processor files beside it")
+    p.add_argument("--dtype", default="float32", type=dtype_name,
+                   help="dtype the parameters are stored in: float32, bfloat16 or float16 (fp32, bf16, fp16; "
+                        "default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty target directory")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("verify", help="per-layer max |Δ| of vlmjax vs the HF PyTorch reference")
     p.add_argument("path", nargs="?", help="HF checkpoint directory (with its processor files) or builtin:NAME")
     p.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA (into PATH or a temp dir)")
     p.add_argument("--variant", default="gqa", choices=sorted(VARIANTS), help="tiny model variant")
-    p.add_argument("--tolerance", type=positive_float, default=TOLERANCE)
+    p.add_argument("--tolerance", type=positive_float, default=TOLERANCE,
+                   help="largest max |Δ| (logits, hidden states, attentions) that passes (default: %(default)s)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("eval", help="POPE-style evaluation (resumable; records appended as they are done)")
     p.add_argument("--model", default="builtin:llava-shapes", help="checkpoint directory or builtin:NAME")
     p.add_argument("--data", help="a shapes-world dataset directory (generated into OUT/data if absent)")
     p.add_argument("--pope", help="a POPE question file (JSONL: question_id, image, text, label) instead of --data")
     p.add_argument("--images", help="image folder for --pope")
-    p.add_argument("--splits", nargs="+", default=list(POPE_SPLITS), choices=POPE_SPLITS)
+    p.add_argument("--splits", nargs="+", default=list(POPE_SPLITS), choices=POPE_SPLITS,
+                   help="POPE negative-sampling splits of a shapes-world set to ask (default: all three)")
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many questions per split")
     p.add_argument("--n-images", type=positive_int, default=300,
                    help="images to generate when no dataset is given (a fifth are the test images asked about)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the generated set (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="prompts per forward; the last batch is padded, so one compile serves all (default: %(default)s)")
     p.add_argument("--null-image", choices=["black", "gray"], help="replace every image (does the model look?)")
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default="runs/eval",
+                   help="directory of the records (JSONL, resumed if present), TensorBoard logs and a generated set "
+                        "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard records in --out written by another model, settings or data (else refused)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
-    p.add_argument("path")
+    p.add_argument("path", help="HF checkpoint directory or builtin:NAME")
     p.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
     try:

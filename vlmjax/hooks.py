@@ -2,7 +2,8 @@
 
 Every model calls `site(name, value)` at the canonical points of its forward pass (see `BLOCK_SITES` and
 `GLOBAL_SITES`; the full name of a block site is `blocks.{l}.{name}` for the decoder and
-`vision.blocks.{l}.{name}` for the vision tower). A hook is a pytree (a `flax.struct` dataclass): its array fields
+`vision.blocks.{l}.{name}` for the vision tower, whose blocks call `VISION_BLOCK_SITES`). docs/sites.md lists them
+with their shapes (tests/test_docs.py checks the table against what each family's forward calls). A hook is a pytree (a `flax.struct` dataclass): its array fields
 are traced, so one compiled forward serves every value of them (sweeps under `jax.vmap`, gradients with respect to
 them), and its fields listed in `per_layer` carry a leading layer axis that the layer scan slices, so each layer
 sees its own entry. Hooks compose: they run in the order given, each seeing the value the previous one returned
@@ -50,7 +51,10 @@ GLOBAL_SITES = (
     "final_norm",  # decoder output after the final norm [B, N, D]
     "logits",  # [B, N, V]
 )
-STACKS = ("blocks", "vision.blocks")
+# The vision towers call every block site but `attn.rot_k`: CLIP has no rotary, and Qwen2-VL's vision rotary feeds
+# only its own attention (no KV cache, no metric reads it).
+VISION_BLOCK_SITES = tuple(s for s in BLOCK_SITES if s != "attn.rot_k")
+STACKS = {"blocks": BLOCK_SITES, "vision.blocks": VISION_BLOCK_SITES}  # each layer stack -> the sites its blocks call
 
 
 @struct.dataclass
@@ -161,18 +165,18 @@ def parse_site(name: str, num_layers: Mapping[str, int]) -> tuple[str, int | Non
         if name.startswith(prefix):
             rest = name[len(prefix) :]
             layer_str, _, site = rest.partition(".")
-            if layer_str.isdigit() and site in BLOCK_SITES:
+            if layer_str.isdigit() and site in STACKS[stack]:
                 layer = int(layer_str)
                 n = num_layers.get(stack, 0)
                 if not 0 <= layer < n:
                     raise VlmJaxError(f"Site {name!r}: layer {layer} out of range; {stack} has layers 0..{n - 1}.")
                 return stack, layer, site
             break
-    examples = list(GLOBAL_SITES) + [f"{s}.0.{b}" for s in STACKS for b in BLOCK_SITES]
+    examples = list(GLOBAL_SITES) + [f"{s}.0.{b}" for s, sites in STACKS.items() for b in sites]
     close = difflib.get_close_matches(name, examples, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise VlmJaxError(f"Unknown site {name!r}.{hint} Valid: {', '.join(GLOBAL_SITES)}, or blocks.<l>.<site> / "
-                      f"vision.blocks.<l>.<site> with <site> in {', '.join(BLOCK_SITES)}.")
+    raise VlmJaxError(f"Unknown site {name!r}.{hint} Valid: {', '.join(GLOBAL_SITES)}, or blocks.<l>.<site> with "
+                      f"<site> in {', '.join(BLOCK_SITES)}, or vision.blocks.<l>.<site> with the same but attn.rot_k.")
 
 
 

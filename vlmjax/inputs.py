@@ -49,20 +49,3 @@ def image_placeholder(processor) -> str:
         return "<|vision_start|>" + token + "<|vision_end|>"
     return token
 
-
-def load_processor(path):
-    """The checkpoint's HF processor (`AutoProcessor`). Qwen2-VL's stock processor also builds a video processor that
-    needs torchvision; where torchvision is missing, its image-and-text-only processor is used instead."""
-    import json
-    from pathlib import Path
-
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(str(path))
-    except ImportError:
-        if json.loads((Path(path) / "config.json").read_text()).get("model_type") != "qwen2_vl":
-            raise
-        from vlmjax.tiny_qwen2_vl import load_processor as image_only_processor
-
-        return image_only_processor(path)

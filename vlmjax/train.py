@@ -45,7 +45,7 @@ from vlmjax.eval.run import answer_token_ids
 from vlmjax.inputs import image_placeholder
 from vlmjax.models import llava, qwen2_vl
 from vlmjax.models.llava import merge_image_features
-from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
+from vlmjax.processors import IMAGE_TOKEN, build_tokenizer
 
 PROMPT = "USER: {image} {question} ASSISTANT:"
 FAMILIES = ("llava", "qwen2_vl")
@@ -122,7 +122,7 @@ def build_processor(cfg: TrainConfig):
     if cfg.family == "qwen2_vl":
         from transformers import Qwen2VLImageProcessorPil
 
-        from vlmjax.tiny_qwen2_vl import build_processor as qwen_processor
+        from vlmjax.processors import build_qwen2_vl_processor as qwen_processor
 
         side = cfg.image_size
         image_processor = Qwen2VLImageProcessorPil(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2,
@@ -153,7 +153,7 @@ def hf_config(cfg: TrainConfig, tokenizer):
                 vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     if cfg.family == "qwen2_vl":
-        from vlmjax.tiny_qwen2_vl import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+        from vlmjax.processors import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
         pairs = cfg.text_hidden // cfg.heads // 2  # rotary pairs split as in Qwen2-VL: 1/4 time, 3/8 row, 3/8 col
         section = [pairs // 4, (pairs - pairs // 4) // 2, pairs - pairs // 4 - (pairs - pairs // 4) // 2]
@@ -185,7 +185,7 @@ def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
     model = model_class(hf_config(cfg, processor.tokenizer)).eval()
     model.save_pretrained(str(out_dir))
     if cfg.family == "qwen2_vl":
-        from vlmjax.tiny_qwen2_vl import save_processor
+        from vlmjax.processors import save_qwen2_vl_processor as save_processor
 
         save_processor(processor, out_dir)
     else:
@@ -679,16 +679,44 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="output directory (HF format)")
     parser.add_argument("--preset", default="llava-shapes", choices=sorted(PRESETS),
                         help="the settings of a built-in model (default: llava-shapes)")
+    field_help = {
+        "family": "model family: llava (CLIP tower, MLP projector, Llama) or qwen2_vl (Qwen2-VL tower and merger, "
+                  "Qwen2 with M-RoPE)",
+        "seed": "seed of the images, questions, initialisation and batch order",
+        "n_images": "shapes-world images to generate (train and held-out test together)",
+        "test_fraction": "fraction of the images held out as the test split",
+        "image_size": "image side in pixels",
+        "patch_size": "vision patch side in pixels (Qwen2-VL merges 2x2 patches into one visual token)",
+        "tasks": f"question families to train on, a comma-separated subset of {TASKS}",
+        "vision_hidden": "vision tower width",
+        "vision_layers": "vision tower layers",
+        "text_hidden": "decoder width",
+        "text_layers": "decoder layers",
+        "text_mlp_ratio": "decoder MLP width as a multiple of the decoder width",
+        "heads": "attention heads of the vision tower and of the decoder",
+        "steps": "instruction-tuning steps",
+        "batch_size": "sequences (alignment: images) per step",
+        "learning_rate": "peak AdamW learning rate of instruction tuning (warmup, then cosine decay)",
+        "alignment_learning_rate": "peak AdamW learning rate of the alignment stage",
+        "warmup_fraction": "fraction of each stage's steps spent warming the learning rate up",
+        "weight_decay": "AdamW weight decay",
+        "grad_clip": "global gradient-norm clip",
+        "grounding_weight": "weight of the grounding loss added to the reply loss in instruction tuning",
+        "label_objects": "objects per visual token in the grounding target",
+        "label_min_fraction": "smallest share of a token's pixels an object needs to be in its grounding target",
+        "alignment_steps": "steps of the alignment stage (vision tower and projector towards the word embeddings)",
+        "balance_answers": "weight yes/no replies so that every category is as often 'yes' as 'no'",
+    }
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
+        flag, help_text = "--" + field.name.replace("_", "-"), field_help[field.name] + " (default: the preset's)"
         if field.name == "tasks":
-            parser.add_argument(flag, help=f"comma-separated subset of {TASKS}")
+            parser.add_argument(flag, help=help_text)
         elif field.name == "family":
-            parser.add_argument(flag, choices=FAMILIES)
+            parser.add_argument(flag, choices=FAMILIES, help=help_text)
         elif isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=type(field.default))
+            parser.add_argument(flag, type=type(field.default), help=help_text)
     args = vars(parser.parse_args(argv))
     out, preset = args.pop("out"), PRESETS[args.pop("preset")]
     if args["tasks"] is not None:

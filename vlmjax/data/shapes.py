@@ -596,13 +596,18 @@ def load_dataset(root: str) -> ShapesDataset:
 def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m vlmjax.data.shapes OUT_DIR --n-images 500 --seed 0``: generate a dataset and print its summary."""
     parser = argparse.ArgumentParser(description="Generate a shapes-world benchmark (images + question JSONL).")
-    parser.add_argument("out_dir")
-    parser.add_argument("--n-images", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--occlusion-prob", type=float, default=0.3)
-    parser.add_argument("--clutter-prob", type=float, default=0.5)
+    parser.add_argument("out_dir", help="directory to write images/, scenes.jsonl, the question files and dataset.json")
+    parser.add_argument("--n-images", type=int, default=500, help="images to generate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the images, category prior and questions (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="image side in pixels (default: %(default)s; the built-in models read 64)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="fraction of the images in the test subset, the last ones (default: %(default)s)")
+    parser.add_argument("--occlusion-prob", type=float, default=0.3,
+                        help="probability that an image lets objects partly cover each other (default: %(default)s)")
+    parser.add_argument("--clutter-prob", type=float, default=0.5,
+                        help="probability that an image gets small grey clutter marks (default: %(default)s)")
     args = parser.parse_args(argv)
     summary = generate_dataset(args.out_dir, args.n_images, args.seed, args.image_size,
                                test_fraction=args.test_fraction, occlusion_prob=args.occlusion_prob,

@@ -1,19 +1,16 @@
 """Tiny randomly initialised HF checkpoints with a locally built tokenizer and processor.
 
-No model hub is reachable here, so the tests, `vlmjax verify --tiny` and the README's first command build their
-models with this module: a real `LlavaForConditionalGeneration` saved by `save_pretrained`, loaded back through the
-same code path a user's real checkpoint takes. Needs the `reference` extra (torch).
+No model hub is reachable here, so the tests, the benchmarks and `vlmjax verify --tiny` build their models with
+this module: a real `LlavaForConditionalGeneration` saved by `save_pretrained`, loaded back through the
+same code path a user's real checkpoint takes. Its tokenizer is `vlmjax.processors.build_tokenizer`'s word-level one.
+Needs the `reference` extra (torch).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-WORDS = ("the a an is are there in on of image picture what how many color colour yes no red green blue yellow "
-         "circle square triangle star cross diamond small large box left right top bottom and or not user "
-         "assistant describe object objects shape shapes ? . , : USER ASSISTANT").split()
-SPECIAL = ("<unk>", "<s>", "</s>", "<pad>")
-IMAGE_TOKEN = "<image>"
+from vlmjax.processors import IMAGE_TOKEN, build_tokenizer
 
 # Configurations that differ in what matters for parity (issue 2).
 VARIANTS = {
@@ -25,22 +22,6 @@ VARIANTS = {
     "tied": dict(text=dict(tie_word_embeddings=True), tie_word_embeddings=True),
     "rope_linear": dict(text=dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
 }
-
-
-def build_tokenizer(out_dir: str | Path | None = None, extra_words=()):
-    """A word-level fast tokenizer with the LLaVA special tokens (image token included)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate((*SPECIAL, IMAGE_TOKEN, *dict.fromkeys((*WORDS, *extra_words))))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if out_dir is not None:
-        fast.save_pretrained(str(out_dir))
-    return fast
 
 
 def random_model(model_class, cfg, seed: int):

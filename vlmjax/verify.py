@@ -1,7 +1,8 @@
-"""The HF PyTorch reference, run on the same inputs as vlmjax, and a per-layer comparison of the two.
+"""`vlmjax verify`: the HF PyTorch reference, run on the same inputs as vlmjax, and a per-layer comparison of the two.
 
-Used by `vlmjax verify` (the check a user runs on their own checkpoint) and by the parity tests. Needs torch
-(the `reference` extra). The reference runs in fp32 with eager attention so attention probabilities exist.
+`verify(path)` is the check a user runs on their own checkpoint; the parity tests use the reference and `compare`
+directly. Needs torch (the `reference` extra). The reference runs in fp32 with eager attention so attention
+probabilities exist.
 """
 
 from __future__ import annotations
@@ -11,6 +12,26 @@ import dataclasses
 import numpy as np
 
 from vlmjax.errors import VlmJaxError
+
+EXAMPLE_SIZES = ((80, 60), (48, 96), (64, 64))  # (height, width) of the example images
+
+
+def example_inputs(path, num_images: int = 2, seed: int = 0):
+    """(processor, processor outputs) for a left-padded batch of `num_images` prompts, each with one random image."""
+    from PIL import Image
+
+    from vlmjax.processors import load_processor
+
+    processor = load_processor(path)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray((rng.random((*EXAMPLE_SIZES[i % 3], 3)) * 255).astype("uint8"))
+              for i in range(num_images)]
+    token = getattr(processor, "image_token", "<image>")
+    texts = [f"USER: {token} what is in the image ? ASSISTANT:",
+             f"USER: {token} how many red circle are there in the box ? yes or no ? ASSISTANT: the"][:num_images]
+    if hasattr(processor, "tokenizer"):
+        processor.tokenizer.padding_side = "left"
+    return processor, dict(processor(images=images, text=texts, return_tensors="np", padding=True))
 
 
 def load_hf_model(path, dtype: str = "float32"):
@@ -79,3 +100,14 @@ def compare(ours: dict, theirs: dict, attention_mask=None) -> Comparison:
         sel = None if rows is None else np.broadcast_to(rows, np.shape(o))
         attn.append(_max_abs(o, t, sel))
     return Comparison(_max_abs(ours["logits"], theirs["logits"], valid), hidden, attn)
+
+
+def verify(path) -> tuple[Comparison, dict]:
+    """(per-layer comparison, the inputs used): vlmjax and the HF model of the checkpoint at `path`, both in fp32, on
+    a padded batch of two prompts built by its processor."""
+    import vlmjax
+
+    _, inputs = example_inputs(path)
+    model = vlmjax.load(path, dtype="float32", progress=False)
+    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
+    return compare(ours, run_hf(load_hf_model(path), inputs)), inputs

@@ -1,6 +1,6 @@
 """Tiny randomly initialised LLaVA-NeXT checkpoints with a locally built tokenizer and PIL processor.
 
-As `vlmjax.tiny` for LLaVA: a real `LlavaNextForConditionalGeneration` saved by `save_pretrained`, with every
+As `vlmjax.testing.tiny` for LLaVA: a real `LlavaNextForConditionalGeneration` saved by `save_pretrained`, with every
 parameter perturbed so each one matters, and an image grid small enough that crops, unpadding and newline tokens
 all occur on images a few dozen pixels wide. Needs the `reference` extra (torch).
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer, random_model
+from vlmjax.processors import IMAGE_TOKEN, build_tokenizer
+from vlmjax.testing.tiny import random_model
 
 # The two text decoders LLaVA-NeXT ships with: Vicuna (Llama) and Mistral (sliding window shorter than the prompts).
 VARIANTS = {
