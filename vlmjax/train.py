@@ -706,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "label_min_fraction": "smallest share of a token's pixels an object needs to be in its grounding target",
         "alignment_steps": "steps of the alignment stage (vision tower and projector towards the word embeddings)",
         "balance_answers": "weight yes/no replies so that every category is as often 'yes' as 'no'",
+        "vision_heads": "attention heads of the vision tower (default: --heads)",
+        "checkpoint_every": "optimiser steps between orbax checkpoints (a rerun into the same --out resumes)",
     }
     for field in dataclasses.fields(TrainConfig):
         flag, help_text = "--" + field.name.replace("_", "-"), field_help[field.name] + " (default: the preset's)"
