@@ -37,12 +37,12 @@ def _example_inputs(path: Path, num_images: int = 2, seed: int = 0):
 def cmd_convert(args) -> int:
     import jax.numpy as jnp
 
-    from converters import hf, orbax_io
+    from converters import hf, orbax_io, streaming
     from vlmjax import models
 
     hf_config = hf.read_hf_config(args.src)
     cfg = models.from_hf(hf_config)
-    params = hf.load_params(args.src, cfg, jnp.dtype(args.dtype), progress=True)
+    params = streaming.load(args.src, cfg, jnp.dtype(args.dtype), progress=True)  # one tensor at a time
     out = orbax_io.save(params, hf_config, args.dst, source_dir=args.src)
     print(f"converted {args.src} -> {out} ({args.dtype})")
     return 0
