@@ -33,6 +33,19 @@ DEFAULT_RULES = (
     (r".*", P()),
 )
 
+# DEFAULT_RULES with each weight's other dimension split over "data" as well (FSDP / ZeRO-3 style): every weight is
+# stored once per mesh (1/(data x model) per device) and XLA gathers each layer's weights over "data" when used.
+FSDP_RULES = (
+    (r"layers/(q|k|v|gate|up|fc1)/kernel$", P(None, "data", "model")),
+    (r"layers/(q|k|v|gate|up|fc1)/bias$", P(None, ("data", "model"))),
+    (r"layers/(o|down|fc2)/kernel$", P(None, "model", "data")),
+    (r"text/embed$", P("model", "data")),
+    (r"lm_head/kernel$", P("data", "model")),
+    (r"projector/linear_1/kernel$", P("data", "model")),
+    (r"projector/linear_2/kernel$", P("model", "data")),
+    (r".*", P()),
+)
+
 
 def initialize_distributed(**kwargs) -> None:
     """Multi-host set-up (a no-op on one process): `jax.distributed.initialize` with the cluster's auto-detection
@@ -66,7 +79,8 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
     dims = list(spec) + [None] * (len(shape) - len(spec))
     out = []
     for size, axis in zip(shape, dims):
-        out.append(axis if axis is None or size % mesh.shape[axis] == 0 else None)
+        ways = int(np.prod([mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ())]))
+        out.append(axis if size % ways == 0 else None)
     return P(*out)
 
 
