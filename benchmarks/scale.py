@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,8 @@ import numpy as np
 LLAVA_7B = dict(layers=32, width=4096, heads=32, mlp=11008, vocab=32064, vision_layers=24)
 IMAGE_TOKEN_ID = 32000
 NUM_TOKENS, NUM_VISUAL = 616, 576  # one 336 px image (24 x 24 patches) and a 40-token question
-CHUNK = 1 << 24  # elements generated at a time
+CHUNK = 1 << 24  # elements written at a time
+KINDS = ("load", "mesh", "fsdp", "convert")
 
 
 def hf_config(layers, width, heads, mlp, vocab, vision_layers):
@@ -64,18 +64,28 @@ def hf_tensors(config) -> list[tuple[str, tuple]]:
     return sorted(out)
 
 
-def _random_chunks(key: str, shape: tuple, rng):
-    """bf16 values in chunks: norms' scales near 1, everything else N(0, 0.02) (HF's initialiser range)."""
+def _random_chunks(key: str, shape: tuple, rng, pool: np.ndarray):
+    """bf16 bytes in chunks: norms' scales near 1, everything else windows at random offsets of `pool`, a block
+    of N(0, 0.02) values (HF's initialiser range) drawn once, so that writing runs at disk speed."""
     import ml_dtypes
 
     n = int(np.prod(shape))
-    is_scale = "norm" in key and key.endswith(".weight")
+    if "norm" in key and key.endswith(".weight"):
+        yield (1 + 0.02 * rng.standard_normal(n, np.float32)).astype(ml_dtypes.bfloat16).tobytes()
+        return
     for start in range(0, n, CHUNK):
-        values = rng.standard_normal(min(CHUNK, n - start), np.float32) * 0.02
-        yield (values + 1 if is_scale else values).astype(ml_dtypes.bfloat16).tobytes()
+        size = min(CHUNK, n - start)
+        offset = int(rng.integers(0, len(pool) - size + 1))
+        yield pool[offset:offset + size].tobytes()
 
 
-def write_safetensors(file: Path, tensors: list[tuple[str, tuple]], rng) -> int:
+def random_pool(rng, size: int = 4 * CHUNK) -> np.ndarray:
+    import ml_dtypes
+
+    return (0.02 * rng.standard_normal(size, np.float32)).astype(ml_dtypes.bfloat16)
+
+
+def write_safetensors(file: Path, tensors: list[tuple[str, tuple]], rng, pool: np.ndarray) -> int:
     """A bf16 safetensors file written tensor by tensor (header first, from the shapes alone); its byte size."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, shape in tensors:
@@ -87,7 +97,7 @@ def write_safetensors(file: Path, tensors: list[tuple[str, tuple]], rng) -> int:
     with open(file, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for key, shape in tensors:
-            for chunk in _random_chunks(key, shape, rng):
+            for chunk in _random_chunks(key, shape, rng, pool):
                 f.write(chunk)
     return offset
 
@@ -108,10 +118,11 @@ def write_checkpoint(out: str | Path, shard_bytes: int = 2 << 30, seed: int = 0,
         size += nbytes
     shards.append(current)
     rng = np.random.default_rng(seed)
+    pool = random_pool(rng)
     weight_map, total = {}, 0
     for n, shard in enumerate(shards, 1):
         name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(out / name, shard, rng)
+        total += write_safetensors(out / name, shard, rng, pool)
         weight_map.update({key: name for key, _ in shard})
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -129,7 +140,10 @@ def question_inputs(seed: int = 0) -> dict:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (VmHWM: unlike getrusage's ru_maxrss, it does not inherit the parent's peak
+    across fork and exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def measure(kind: str, path: str, save: str, forwards: int = 2) -> dict:
@@ -213,7 +227,7 @@ def run(shape: dict, workdir: Path) -> dict:
     start = time.perf_counter()
     total = write_checkpoint(ckpt, **shape)
     results = {"shape": shape, "checkpoint_bytes": total, "write_seconds": time.perf_counter() - start}
-    for kind in ("load", "mesh", "fsdp", "convert"):
+    for kind in KINDS:
         results[kind] = run_measurement(kind, ckpt, workdir / (kind + ("" if kind == "convert" else ".npz")))
     shutil.rmtree(workdir / "convert")
     for kind in ("mesh", "fsdp"):

@@ -42,6 +42,7 @@ def _inputs(image_token_id: int, rows: int = 4, seed: int = 0) -> dict:
             "pixel_values": rng.normal(size=(rows, 3, 56, 56)).astype(np.float32)}
 
 
+@pytest.mark.slow  # about a minute alone, several on a busy 2-core machine
 def test_two_processes_equal_one(tmp_path):
     make_tiny_llava(tmp_path / "model", variant="gqa", text_layers=4)
     model = vlmjax.load(tmp_path / "model", progress=False)

@@ -9,6 +9,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
+import pytest
 from safetensors import safe_open
 
 from benchmarks import scale
@@ -17,6 +18,7 @@ SHAPE = dict(layers=2, width=512, heads=8, mlp=1376, vocab=32064, vision_layers=
 BF16_EPS = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps)
 
 
+@pytest.mark.slow  # about a minute alone, several on a busy 2-core machine
 def test_scaled_down_7b_shape_loads_within_memory_and_shards_forward(tmp_path):
     ckpt = tmp_path / "hf"
     total = scale.write_checkpoint(ckpt, shard_bytes=64 << 20, **SHAPE)
