@@ -81,3 +81,33 @@ def test_two_processes_equal_one(tmp_path):
         assert got[k].shape == v.shape, k
         assert np.abs(got[k] - v).max() <= TOL, (k, np.abs(got[k] - v).max())
     assert np.abs(swept["logits"][0] - swept["logits"][-1]).max() > 1e-3  # the sweep did change something
+
+
+@pytest.mark.slow  # about a minute alone, several on a busy 2-core machine
+def test_distributed_eval_merges_to_the_single_process_records(tmp_path, capsys):
+    from vlmjax import cli
+
+    single = tmp_path / "single"
+    args = ["eval", "--n-images", "10", "--limit", "5", "--batch-size", "4"]
+    assert cli.main([*args, "--out", str(single)]) == 0
+    table = capsys.readouterr().out.splitlines()[-1]
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "vlmjax.cli", *args, "--distributed", "--data",
+                                       str(single / "data"), "--out", str(tmp_path / "multi")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    parts = sorted(p.name for p in (tmp_path / "multi").glob("results.part-*.jsonl"))
+    assert parts == ["results.part-000-of-002.jsonl", "results.part-001-of-002.jsonl"]
+    assert all(len((tmp_path / "multi" / p).read_text().splitlines()) in (7, 8) for p in parts)  # 15 questions
+    assert (tmp_path / "multi" / "results.jsonl").read_text() == (single / "results.jsonl").read_text()
+    assert logs[0].splitlines()[-1] == table  # the same summary

@@ -103,6 +103,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.distributed:
+        from vlmjax.sharding import initialize_distributed
+
+        initialize_distributed()  # before anything touches a JAX backend
     import vlmjax
     from vlmjax.data.loaders import load_pope
     from vlmjax.eval.pope import format_table, score_pope
@@ -120,6 +124,9 @@ def cmd_eval(args) -> int:
     else:
         data = Path(args.data) if args.data else out / "data"
         if not (data / "dataset.json").is_file():
+            if args.distributed:
+                raise VlmJaxError(f"No dataset in {data}: with --distributed, generate it first (`python -m "
+                                  "vlmjax.data.shapes DIR`, or one single-process run) and pass --data DIR.")
             from vlmjax.data.shapes import generate_dataset
 
             side = shapes_image_size(model, processor)
@@ -128,8 +135,23 @@ def cmd_eval(args) -> int:
             generate_dataset(str(data), args.n_images, args.seed, image_size=side)
         records = load_shapes_pope(data, splits=args.splits, limit=args.limit)
     name = f"results{'-' + args.null_image if args.null_image else ''}.jsonl"
-    results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
-                            image_kind=args.null_image, logdir=out / "tensorboard")
+    if args.distributed:  # this process's share into its own shard; process 0 merges once all are written
+        import jax
+        from jax.experimental import multihost_utils
+
+        from vlmjax.eval import distributed
+
+        index, count = jax.process_index(), jax.process_count()
+        evaluate_pope(model, processor, distributed.share(records, index, count),
+                      distributed.shard_path(out / name, index, count), batch_size=args.batch_size,
+                      image_kind=args.null_image, logdir=out / "tensorboard" / f"process-{index}")
+        multihost_utils.sync_global_devices("vlmjax eval: every shard written")
+        if index:
+            return 0
+        results = distributed.merge(out / name, [q.question_id for q in records], count)
+    else:
+        results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
+                                image_kind=args.null_image, logdir=out / "tensorboard")
     print(f"{model.path} on {len(records)} questions{' with ' + args.null_image + ' images' if args.null_image else ''}"
           f" (records: {out / name})")
     print(format_table(score_pope(r for r in results if r["id"] in {q.question_id for q in records})))
@@ -163,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--null-image", choices=["black", "gray"], help="replace every image (does the model look?)")
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (README, Sharding): each evaluates its share into its own records "
+                        "shard, resumable; process 0 merges them into the results file")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
     p.add_argument("path")
