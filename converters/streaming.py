@@ -2,9 +2,8 @@
 
 The safetensors headers give every tensor's dtype, shape and byte range, so the whole checkpoint is matched against
 the model's parameters (missing, unexpected and mis-shaped tensors reported by name) before any data is read. Each
-parameter is then built with `jax.make_array_from_callback`: for every local device, the callback maps the tensor's
-bytes (np.memmap, dropped after the read) and copies out only the rows and columns that device holds, in the
-target dtype. A stacked [L, ...] parameter starts as a zero buffer on its devices and receives one layer at a time
+parameter is then built with `jax.make_array_from_callback`: for every local device, the callback reads the stored
+rows that device needs, in blocks, and keeps only its columns, converted to vlmjax layout and the target dtype. A stacked [L, ...] parameter starts as a zero buffer on its devices and receives one layer at a time
 through a donated in-place update, so no stack is ever built on the host. Host memory thus stays bounded by the
 largest single tensor plus what the local devices hold; on a multi-host mesh each process reads only its share.
 """
@@ -34,6 +33,9 @@ SAFETENSORS_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.f
                       "BOOL": np.bool_}
 
 
+READ_BYTES = 32 << 20  # rows are read in blocks of about this size
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """Where one tensor's bytes lie in a safetensors file."""
@@ -44,8 +46,15 @@ class StoredTensor:
     shape: tuple
     offset: int
 
-    def mapped(self) -> np.memmap:
-        return np.memmap(self.file, self.dtype, mode="r", offset=self.offset, shape=self.shape)
+    def rows(self, handle, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the stored tensor, read (not mapped) into a fresh array."""
+        row_items = int(np.prod(self.shape[1:]))
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        handle.seek(self.offset + start * row_items * self.dtype.itemsize)
+        if handle.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            raise VlmJaxError(f"{self.file} ends inside tensor {self.key}: the file is truncated; download or "
+                              "save it again.")
+        return out
 
 
 def read_header(file: Path) -> dict[str, StoredTensor]:
@@ -122,18 +131,26 @@ def plan(path: str | os.PathLike, cfg) -> dict[str, dict]:
 
 
 def read_slice(tensor: StoredTensor, transform: str, index: tuple, dtype) -> np.ndarray:
-    """`index` (slices in vlmjax layout) of one stored tensor, converted to vlmjax layout and `dtype`. Only the
-    pages the slice touches are read; the mapping is dropped on return."""
-    mapped = tensor.mapped()
-    if transform == "linear":
-        part = mapped[index[1], index[0]].T
-    elif transform == "conv":
-        part = mapped.reshape(tensor.shape[0], -1).T[index]
-    else:
-        part = mapped[index]
-    out = np.array(part, dtype=dtype)
-    del part, mapped
-    return out
+    """`index` (slices in vlmjax layout) of one stored tensor, in vlmjax layout and `dtype`. The stored rows it
+    needs are read in blocks straight into the result (transposed for linear kernels), so beyond the result only
+    one block is held; nothing is memory-mapped, so no file pages count against the process."""
+    with open(tensor.file, "rb") as handle:
+        if transform == "conv":  # small (the patch embedding): whole, then reshaped
+            whole = tensor.rows(handle, 0, tensor.shape[0])
+            return np.ascontiguousarray(whole.reshape(tensor.shape[0], -1).T[index], dtype=dtype)
+        stored = (index[1], index[0]) if transform == "linear" else index  # the slices in stored layout
+        first, last, _ = stored[0].indices(tensor.shape[0])
+        shape = tuple(len(range(*sl.indices(n))) for sl, n in zip(index, _our_shape(tensor.shape, transform)))
+        out = np.empty(shape, dtype)
+        step = max(1, READ_BYTES // max(1, int(np.prod(tensor.shape[1:])) * tensor.dtype.itemsize))
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            block = tensor.rows(handle, start, stop)[(slice(None), *stored[1:])]
+            if transform == "linear":
+                out[:, start - first:stop - first] = block.T
+            else:
+                out[start - first:stop - first] = block
+        return out
 
 
 def _layer_sharding(sharding):
