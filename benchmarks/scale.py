@@ -178,6 +178,8 @@ def measure(kind: str, path: str, save: str, forwards: int = 2) -> dict:
             per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
     result["bytes_per_device"] = per_device
     result["replicated_bytes"] = sum(x.nbytes for x in jax.tree.leaves(model.params) if x.sharding.is_fully_replicated)
+    if not forwards:
+        return result
     inputs, hooks = question_inputs(), {"visual": VisualAttention()}
     times = []
     for _ in range(forwards):  # the first call compiles
