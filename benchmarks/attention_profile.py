@@ -6,6 +6,8 @@
 (b) A 16-value VIAR sweep (bias on the visual keys at the layers of the middle third). HF: one pass per value with
     a forward pre-hook adding the bias to the 4D mask's visual columns (what the seed's code does). vlmjax: one
     compiled sweep that runs the vision tower and the layers before the zone once and vmaps the rest.
+nnsight (`pip install nnsight`) runs both on the same HF model: the profile saves the patterns from a trace, the
+sweep is one trace per value with an intervention on the zone's attention-mask input.
 
 Each measurement runs in its own subprocess (peak RSS is per process). Prints throughput, peak memory, their
 ratios, the FLOPs each result needs, and the machine's measured fp32 matmul peak with the fraction achieved.
@@ -97,7 +99,7 @@ def run_one(kind: str, path: str, batch: int, repeats: int) -> dict:
     """One measurement (in a fresh process): seconds per batch (best of `repeats`, after a warm-up)."""
     zone = range(SHAPE["text_layers"] // 3, 2 * SHAPE["text_layers"] // 3)
     values = np.linspace(0.0, 3.0, SHAPE["sweep_values"], dtype=np.float32)
-    if kind.startswith("hf"):
+    if kind.startswith(("hf", "nnsight")):
         import torch
 
         from vlmjax.verify import load_hf_model
@@ -134,7 +136,9 @@ def run_one(kind: str, path: str, batch: int, repeats: int) -> dict:
                     h.remove()
             return torch.stack(results)
 
-        fn = profile if kind == "hf_profile" else sweep
+        if kind.startswith("nnsight"):
+            profile, sweep = nnsight_workloads(model, feed, visual, text, zone, values)
+        fn = profile if kind.endswith("profile") else sweep
     else:
         import jax
         import jax.numpy as jnp
@@ -160,6 +164,38 @@ def run_one(kind: str, path: str, batch: int, repeats: int) -> dict:
     return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def nnsight_workloads(model, feed, visual, text, zone, values):
+    """The same two workloads through nnsight on the same HF model: the profile saves each layer's attention
+    pattern from a trace (self_attn's second output under eager attention) and reduces it as HF's does; the
+    sweep runs one trace per value whose intervention rewrites the zone's attention-mask input."""
+    import nnsight
+    import torch
+
+    traced = nnsight.NNsight(model)
+    layers = traced.model.language_model.layers
+
+    def profile():
+        with traced.trace(**feed):
+            patterns = nnsight.save([layer.self_attn.output[1] for layer in layers])
+        masses = [((a * visual[:, None, None, :]).sum(-1) * text[:, None]).sum(-1) / text.sum(-1)[:, None]
+                  for a in patterns]
+        return torch.stack(masses, 1)
+
+    def sweep():
+        results = []
+        for b in values:
+            with traced.trace(**feed, logits_to_keep=1):
+                for i in zone:
+                    args, kwargs = layers[i].self_attn.inputs
+                    kwargs["attention_mask"] = kwargs["attention_mask"] + float(b) * visual[:, None, None, :]
+                    layers[i].self_attn.inputs = (args, kwargs)
+                logits = nnsight.save(traced.output.logits)
+            results.append(logits)
+        return torch.stack(results)
+
+    return profile, sweep
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -174,7 +210,8 @@ def main(argv=None) -> int:
     path = Path(tempfile.mkdtemp(prefix="vlmjax-bench-"))
     build(path)
     results = {}
-    for kind in ("hf_profile", "jax_profile", "hf_sweep", "jax_sweep", "jax_sweep_vmap"):
+    for kind in ("hf_profile", "nnsight_profile", "jax_profile", "hf_sweep", "nnsight_sweep", "jax_sweep",
+                 "jax_sweep_vmap"):
         proc = subprocess.run([sys.executable, __file__, "--one", kind, str(path), str(args.batch), str(args.repeats)],
                               capture_output=True, text=True, check=True)
         results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -187,10 +224,11 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     for task, sweep in (("profile", False), ("sweep", True)):
         flops = needed_flops(args.batch, sweep)
-        for impl in ("hf", "jax"):
+        for impl in ("hf", "nnsight", "jax"):
             r = results[f"{impl}_{task}"]
             rate = flops / r["seconds"]
-            lines.append(f"| {task} | {'HF eager' if impl == 'hf' else 'vlmjax'} | {r['seconds']:.3f} | "
+            name = {"hf": "HF eager", "nnsight": "nnsight (HF eager)", "jax": "vlmjax"}[impl]
+            lines.append(f"| {task} | {name} | {r['seconds']:.3f} | "
                          f"{args.batch / r['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {flops / 1e9:.1f} | "
                          f"{rate / 1e9:.1f} | {rate / peak:.0%} |")
         if sweep:
@@ -201,6 +239,9 @@ def main(argv=None) -> int:
         speed = results[f"hf_{task}"]["seconds"] / results[f"jax_{task}"]["seconds"]
         memory = results[f"hf_{task}"]["peak_rss_mb"] / results[f"jax_{task}"]["peak_rss_mb"]
         lines.append(f"| {task} | ratio HF/vlmjax | {speed:.2f}x faster | | {memory:.2f}x less memory | | | |")
+        speed = results[f"nnsight_{task}"]["seconds"] / results[f"jax_{task}"]["seconds"]
+        memory = results[f"nnsight_{task}"]["peak_rss_mb"] / results[f"jax_{task}"]["peak_rss_mb"]
+        lines.append(f"| {task} | ratio nnsight/vlmjax | {speed:.2f}x faster | | {memory:.2f}x less memory | | | |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from converters.hf import copy_processor_files
@@ -44,7 +43,8 @@ def save(params: dict, hf_config, out_dir: str | os.PathLike, source_dir=None) -
 
 
 def restore(path: str | os.PathLike, abstract_params) -> dict:
-    """Restore into the structure, shapes and dtypes of `abstract_params` (a tree of jax.ShapeDtypeStruct)."""
+    """Restore into the structure, shapes, dtypes and shardings of `abstract_params` (a tree of
+    jax.ShapeDtypeStruct): jax arrays, each process reading what its devices hold."""
     path = Path(path).resolve()
     meta = json.loads((path / MARKER).read_text())
     if meta.get("format") != FORMAT:
@@ -55,7 +55,7 @@ def restore(path: str | os.PathLike, abstract_params) -> dict:
         restored = ocp.StandardCheckpointer().restore(path / "params", abstract_params)
     except (ValueError, KeyError) as e:
         raise VlmJaxError(f"The converted checkpoint in {path} does not match its config.json: {e}") from None
-    return jax.tree.map(np.asarray, restored)
+    return restored
 
 
 def stored_dtype(path) -> str:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import models
+from vlmjax.errors import VlmJaxError
 from vlmjax.visual import VisualTokens
 
 def ordered(hooks) -> collections.OrderedDict:
@@ -107,16 +108,18 @@ class VLM:
         return out
 
 
-def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
+def load(path: str | os.PathLike, dtype=None, progress: bool = True, mesh=None, rules=None) -> VLM:
     """Load an HF checkpoint directory, a `vlmjax convert` output directory or a shipped model ("builtin:NAME").
-    `dtype` defaults to the stored one for converted checkpoints and to float32 for HF directories."""
+    `dtype` defaults to the stored one for converted checkpoints and to float32 for HF directories. Each tensor is
+    placed as soon as it is read: on the first device, or with `mesh` (vlmjax.sharding.make_mesh) sharded by
+    `rules` (default vlmjax.sharding.DEFAULT_RULES), each process reading only the slices its devices hold."""
     from vlmjax.builtin import resolve as resolve_builtin
     from vlmjax.checks import check_params_finite, resolve_dtype
 
     path, dtype = resolve_builtin(path), resolve_dtype(dtype)
 
     from converters import hf as hf_conv
-    from converters import orbax_io
+    from converters import orbax_io, streaming
 
     path = Path(path)
     hf_config = hf_conv.read_hf_config(path)
@@ -124,13 +127,27 @@ def load(path: str | os.PathLike, dtype=None, progress: bool = True) -> VLM:
     check_dtype = getattr(hf_conv.model_module(cfg), "check_dtype", None)  # a family may refuse a dtype
     if check_dtype is not None:
         check_dtype(cfg, dtype or (orbax_io.stored_dtype(path) if orbax_io.is_converted(path) else jnp.float32))
+    shardings = _placement(hf_conv.expected_shapes(cfg), mesh, rules)
     if orbax_io.is_converted(path):
         dtype = dtype or orbax_io.stored_dtype(path)
-        shapes = hf_conv.model_module(cfg).param_shapes(cfg)
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), shapes,
-                                is_leaf=lambda x: isinstance(x, tuple))
-        params = orbax_io.restore(path, abstract)
+        abstract = {p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=shardings[p])
+                    for p, s in hf_conv.expected_shapes(cfg).items()}
+        params = orbax_io.restore(path, hf_conv.unflatten(abstract))
     else:
-        params = hf_conv.load_params(path, cfg, dtype or jnp.float32, progress=progress)
+        params = streaming.load(path, cfg, dtype or jnp.float32, shardings, progress=progress)
     check_params_finite(params, path)
-    return VLM(cfg, jax.tree.map(jnp.asarray, params), hf_config, path)
+    return VLM(cfg, params, hf_config, path)
+
+
+def _placement(shapes: dict, mesh, rules) -> dict:
+    """{parameter path: Sharding}: by `rules` over `mesh`, or the first local device."""
+    if mesh is None:
+        if rules is not None:
+            raise VlmJaxError("rules place parameters on a mesh: pass mesh= as well (vlmjax.sharding.make_mesh).")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return {p: device for p in shapes}
+    from converters.hf import flatten, unflatten
+    from vlmjax.sharding import DEFAULT_RULES, param_shardings
+
+    abstract = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
+    return flatten(param_shardings(abstract, mesh, DEFAULT_RULES if rules is None else rules))

@@ -25,7 +25,7 @@ def cmd_convert(args) -> int:
 
     import jax.numpy as jnp
 
-    from converters import hf, orbax_io
+    from converters import hf, orbax_io, streaming
     from vlmjax import models
     from vlmjax.checks import check_params_finite
 
@@ -35,7 +35,7 @@ def cmd_convert(args) -> int:
                           "directory, or pass --overwrite to replace it.")
     hf_config = hf.read_hf_config(args.src)
     cfg = models.from_hf(hf_config)
-    params = hf.load_params(args.src, cfg, jnp.dtype(args.dtype), progress=True)
+    params = streaming.load(args.src, cfg, jnp.dtype(args.dtype), progress=True)  # one tensor at a time
     check_params_finite(params, args.src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
@@ -122,6 +122,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.distributed:
+        from vlmjax.sharding import initialize_distributed
+
+        initialize_distributed()  # before anything touches a JAX backend
     import vlmjax
     from vlmjax.data.loaders import load_pope
     from vlmjax.eval.pope import format_table, score_pope
@@ -137,13 +141,32 @@ def cmd_eval(args) -> int:
     model = vlmjax.load(args.model, progress=False)
     processor = vlmjax.load_processor(model.path)
     if not args.pope:
+        if args.distributed and not (args.data and (Path(args.data) / "dataset.json").is_file()):
+            raise VlmJaxError("With --distributed, generate the dataset first (`python -m vlmjax.data.shapes DIR`, or "
+                              "one single-process run) and pass --data DIR.")
         data = shapes_dataset(args.data, out, args.n_images, args.seed, shapes_image_size(model, processor),
                               args.overwrite)
         records = load_shapes_pope(data, splits=args.splits, limit=args.limit)
     name = f"results{'-' + args.null_image if args.null_image else ''}.jsonl"
-    results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
-                            image_kind=args.null_image, logdir=out / "tensorboard", data=args.pope or data,
-                            overwrite=args.overwrite)
+    if args.distributed:  # this process's share into its own shard; process 0 merges once all are written
+        import jax
+        from jax.experimental import multihost_utils
+
+        from vlmjax.eval import distributed
+
+        index, count = jax.process_index(), jax.process_count()
+        evaluate_pope(model, processor, distributed.share(records, index, count),
+                      distributed.shard_path(out / name, index, count), batch_size=args.batch_size,
+                      image_kind=args.null_image, logdir=out / "tensorboard" / f"process-{index}",
+                      data=args.pope or data, overwrite=args.overwrite)
+        multihost_utils.sync_global_devices("vlmjax eval: every shard written")
+        if index:
+            return 0
+        results = distributed.merge(out / name, [q.question_id for q in records], count)
+    else:
+        results = evaluate_pope(model, processor, records, out / name, batch_size=args.batch_size,
+                                image_kind=args.null_image, logdir=out / "tensorboard", data=args.pope or data,
+                                overwrite=args.overwrite)
     print(f"{model.path} on {len(records)} questions{' with ' + args.null_image + ' images' if args.null_image else ''}"
           f" (records: {out / name})")
     print(format_table(score_pope(r for r in results if r["id"] in {q.question_id for q in records})))
@@ -197,6 +220,9 @@ def main(argv=None) -> int:
                         "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard records in --out written by another model, settings or data (else refused)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (README, Sharding): each evaluates its share into its own records "
+                        "shard, resumable; process 0 merges them into the results file")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="config, parameter count, visual tokens per image")
     p.add_argument("path", help="HF checkpoint directory or builtin:NAME")

@@ -10,6 +10,7 @@ host's slice of the batch — `shard_batch` assembles the global arrays with `ja
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -33,17 +34,34 @@ DEFAULT_RULES = (
     (r".*", P()),
 )
 
+# DEFAULT_RULES with each weight's other dimension split over "data" as well (FSDP / ZeRO-3 style): every weight is
+# stored once per mesh (1/(data x model) per device) and XLA gathers each layer's weights over "data" when used.
+FSDP_RULES = (
+    (r"layers/(q|k|v|gate|up|fc1)/kernel$", P(None, "data", "model")),
+    (r"layers/(q|k|v|gate|up|fc1)/bias$", P(None, ("data", "model"))),
+    (r"layers/(o|down|fc2)/kernel$", P(None, "model", "data")),
+    (r"text/embed$", P("model", "data")),
+    (r"lm_head/kernel$", P("data", "model")),
+    (r"projector/linear_1/kernel$", P("data", "model")),
+    (r"projector/linear_2/kernel$", P("model", "data")),
+    (r".*", P()),
+)
+
 
 def initialize_distributed(**kwargs) -> None:
-    """Multi-host set-up (a no-op on one process): `jax.distributed.initialize` with the cluster's auto-detection
-    or explicit coordinator_address / num_processes / process_id."""
-    if kwargs or _cluster_env():  # must run before anything touches a JAX backend
+    """Multi-process set-up (a no-op on one process); call it first, before anything touches a JAX backend.
+    Explicit coordinator_address / num_processes / process_id; else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID from the environment (one command per host, any cluster); else the auto-detection of
+    `jax.distributed.initialize` (TPU pod slices, SLURM, Open MPI, Kubernetes)."""
+    env = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+           "process_id": "JAX_PROCESS_ID"}
+    if not kwargs and all(v in os.environ for v in env.values()):
+        kwargs = {k: os.environ[v] if k == "coordinator_address" else int(os.environ[v]) for k, v in env.items()}
+    if kwargs or _cluster_env():
         jax.distributed.initialize(**kwargs)
 
 
 def _cluster_env() -> bool:
-    import os
-
     return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
                                           "OMPI_COMM_WORLD_SIZE"))
 
@@ -66,7 +84,8 @@ def _fit(spec: P, shape, mesh: Mesh) -> P:
     dims = list(spec) + [None] * (len(shape) - len(spec))
     out = []
     for size, axis in zip(shape, dims):
-        out.append(axis if axis is None or size % mesh.shape[axis] == 0 else None)
+        ways = int(np.prod([mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ())]))
+        out.append(axis if size % ways == 0 else None)
     return P(*out)
 
 
