@@ -9,7 +9,7 @@ i* = argmax over fusion layers of H(A_i, A_post) (A_post: the layer before the r
 C = |A_post - A_i*|, and the visual tokens below C's 20th percentile, which are scaled by s at the review layer.
 Records are appended per question per phase (resumable); summary.json and fusion_layers.png come from them.
 
-Usage: python experiments/fusion_layers.py [--config experiments/fusion_layers.json] [--model DIR] [--out DIR]
+Usage: python -m experiments.fusion_layers [--config experiments/fusion_layers.json] [--model DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from common import batches, main_with_config, p_yes_of, setup
+from experiments.common import batches, main_with_config, p_yes_of, setup
 from vlmjax import interventions as iv
 from vlmjax.eval.records import ResultsWriter
 from vlmjax.probes import LastQueryVisualMap, contrastive_mask

@@ -7,7 +7,7 @@ layers; default layers 8-16 of 32 scaled to the model's depth), which runs the v
 first-token p(yes) per bias. Each question's record is appended to records.jsonl as soon as its batch is done (a
 killed run resumes where it stopped); summary.json and neglect_zone.png are computed from the records.
 
-Usage: python experiments/neglect_zone.py [--config experiments/neglect_zone.json] [--model DIR] [--out DIR] ...
+Usage: python -m experiments.neglect_zone [--config experiments/neglect_zone.json] [--model DIR] [--out DIR] ...
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from common import batches, main_with_config, p_yes_of, setup
+from experiments.common import batches, main_with_config, p_yes_of, setup
 from vlmjax import interventions as iv
 from vlmjax.eval.pope import brier_score
 from vlmjax.eval.records import ResultsWriter

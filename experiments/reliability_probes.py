@@ -11,7 +11,7 @@ Phase 3: at the best probe layer, the `ablate_neurons` residual dimensions with 
 many random ones (seeded), are zeroed (one compiled sweep) and accuracy is measured.
 Records are appended per question per phase (resumable); summary.json holds the results.
 
-Usage: python experiments/reliability_probes.py [--config experiments/reliability_probes.json] [--model DIR]
+Usage: python -m experiments.reliability_probes [--config experiments/reliability_probes.json] [--model DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from scipy.optimize import minimize
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from common import batches, main_with_config, p_yes_of, setup
+from experiments.common import batches, main_with_config, p_yes_of, setup
 from vlmjax import interventions as iv
 from vlmjax.eval.records import ResultsWriter
 from vlmjax.eval.stats import point_biserial

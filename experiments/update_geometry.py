@@ -7,7 +7,7 @@ of the attention update and of the MLP update (over the question's real tokens),
 first-token p(yes). Records are appended per question (resumable); summary.json holds the means per condition (the
 paper's table: attention vs MLP RID / MixIG, the noised rows) and each condition's accuracy.
 
-Usage: python experiments/update_geometry.py [--config experiments/update_geometry.json] [--model DIR] [--out DIR]
+Usage: python -m experiments.update_geometry [--config experiments/update_geometry.json] [--model DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from common import batches, main_with_config, p_yes_of, setup
+from experiments.common import batches, main_with_config, p_yes_of, setup
 from vlmjax import interventions as iv
 from vlmjax.eval.records import ResultsWriter
 from vlmjax.hooks import validate_hooks

@@ -9,7 +9,7 @@ model) and each k (capped at half the stage's heads), the top-k heads of the sta
 of the same stage (seeded) are masked ("uniform": the head attends uniformly to the keys it may see) — every
 configuration in one compiled sweep per batch — and first-token accuracy is recorded.
 
-Usage: python experiments/visual_heads.py [--config experiments/visual_heads.json] [--model DIR] [--out DIR]
+Usage: python -m experiments.visual_heads [--config experiments/visual_heads.json] [--model DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from common import batches, main_with_config, p_yes_of, setup
+from experiments.common import batches, main_with_config, p_yes_of, setup
 from vlmjax import interventions as iv
 from vlmjax.eval.records import ResultsWriter
 from vlmjax.probes import VisualHeadAttention, head_detection_scores
@@ -33,11 +33,19 @@ CONFIG = Path(__file__).with_suffix(".json")
 
 
 def with_answer_token(model, params, batch):
-    """The batch with each sample's greedy first answer token appended (its position is the answer's query)."""
+    """The batch with each sample's greedy first answer token appended (its position is the answer's query). Under
+    Qwen2-VL's M-RoPE (position_ids [3, B, N]) the token sits where decoding puts it: all three axes at the prompt's
+    largest position + 1; LLaVA-style models number positions from the attention mask."""
     first = model.forward(params, batch, {}, logits="last")["logits"][:, -1].argmax(-1)
     extended = dict(batch)
     extended["input_ids"] = jnp.concatenate([batch["input_ids"], first[:, None].astype(jnp.int32)], axis=1)
     extended["attention_mask"] = jnp.concatenate([batch["attention_mask"], jnp.ones_like(first[:, None], bool)], 1)
+    positions = batch.get("position_ids")
+    if positions is not None and positions.ndim == 3:
+        following = jnp.broadcast_to(positions.max(axis=(0, 2))[None, :, None] + 1, positions.shape[:2] + (1,))
+        extended["position_ids"] = jnp.concatenate([positions, following.astype(positions.dtype)], axis=2)
+    elif positions is not None:
+        extended["position_ids"] = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)
     return extended
 
 

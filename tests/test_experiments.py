@@ -1,16 +1,13 @@
 """The runnable studies: they run end to end on a small model, write their outputs and resume without repeating."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vlmjax.tiny import make_tiny_llava
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the studies are scripts
-import neglect_zone  # noqa: E402
+from experiments import fusion_layers, neglect_zone, reliability_probes as rp, update_geometry, visual_heads
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +33,6 @@ def test_neglect_zone_study_runs_and_resumes(tiny_model, tmp_path):
 
 
 def test_fusion_layers_study_runs_and_resumes(tiny_model, tmp_path):
-    import fusion_layers
-
     config = json.loads(fusion_layers.CONFIG.read_text())
     config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=3, batch_size=4)
     summary = fusion_layers.run(config)
@@ -51,8 +46,6 @@ def test_fusion_layers_study_runs_and_resumes(tiny_model, tmp_path):
 
 
 def test_visual_heads_study_runs_and_resumes(tiny_model, tmp_path):
-    import visual_heads
-
     config = json.loads(visual_heads.CONFIG.read_text())
     config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=3, batch_size=4,
                   top_k=[1, 2])
@@ -66,8 +59,6 @@ def test_visual_heads_study_runs_and_resumes(tiny_model, tmp_path):
 
 
 def test_update_geometry_study_runs_and_resumes(tiny_model, tmp_path):
-    import update_geometry
-
     config = json.loads(update_geometry.CONFIG.read_text())
     config.update(model=str(tiny_model), out=str(tmp_path), n_images=12, limit_per_split=2, batch_size=3)
     summary = update_geometry.run(config)
@@ -79,8 +70,6 @@ def test_update_geometry_study_runs_and_resumes(tiny_model, tmp_path):
 
 
 def test_reliability_probes_study_runs_and_resumes(tiny_model, tmp_path):
-    import reliability_probes as rp
-
     assert rp.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
     train, test = rp.stratified_split(np.array([True] * 10 + [False] * 5), seed=0)
     assert test.sum() == 3 and not (train & test).any()

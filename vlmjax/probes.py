@@ -47,7 +47,7 @@ from vlmjax.metrics import (
 )
 from vlmjax.models.decoder import unembed_matrix
 from vlmjax.models.layers import rms_norm
-from vlmjax.visual import KIND_NAMES
+from vlmjax.visual import GRID_KINDS
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token sets
@@ -144,18 +144,9 @@ class VisualHeadAttention(Hook):
     def with_boxes(cls, boxes, meta, image_size_hw, query_index=None, mode: str = "centre"):
         """Region = the patch tokens whose cell lies in each sample's pixel box (x0, y0, x1, y1) of the preprocessed
         image (`vlmjax.metrics.box_to_token_mask`, same `mode`). One image per sample."""
-        rows = np.asarray(meta.grid_row)
-        cols = np.asarray(meta.grid_col)
-        patch_kinds = [k for k, name in KIND_NAMES.items() if name in ("patch", "base")]
-        on_grid = np.isin(meta.kind, patch_kinds)
-        grids = {image.grid for image in meta.images}
-        if len(grids) != 1 or len(meta.images) != len(rows):
-            raise VlmJaxError("VisualHeadAttention.with_boxes needs one image per sample, all of one patch grid; "
-                              f"this batch has {len(meta.images)} image(s) for {len(rows)} sample(s). Build a "
-                              "region mask yourself and pass region_mask.")
+        rows, cols, grid = meta.single_patch_grid("VisualHeadAttention.with_boxes")
         try:
-            region = box_to_token_mask(boxes, image_size_hw, np.where(on_grid, rows, -1), np.where(on_grid, cols, -1),
-                                       grids.pop(), mode)
+            region = box_to_token_mask(boxes, image_size_hw, rows, cols, grid, mode)
         except ValueError as err:
             raise VlmJaxError(f"Region box: {err}.") from None
         return cls(None if query_index is None else jnp.asarray(query_index, jnp.int32), jnp.asarray(region))
@@ -415,7 +406,7 @@ class RopeBaseline(Hook):
 
 def map_grids(maps, meta) -> list[np.ndarray]:
     """Per-sample patch grids of `LastQueryVisualMap` records [L, B, N]: [L, gh, gw] for each sample's first image
-    (its patch tokens placed by their grid row / column; CLS and newline tokens left out)."""
+    (its patch tokens placed by their grid row / column; CLS, newline and LLaVA-NeXT crop tokens left out)."""
     maps = np.asarray(maps)
     grids = []
     for b in range(maps.shape[1]):
@@ -423,7 +414,7 @@ def map_grids(maps, meta) -> list[np.ndarray]:
         if image is None:
             raise VlmJaxError(f"Sample {b} has no image: an attention map needs visual tokens.")
         rows, cols = image.grid[-2:]
-        tokens = np.flatnonzero((meta.image_index[b] == meta.images.index(image)) & (meta.grid_row[b] >= 0))
+        tokens = np.flatnonzero((meta.image_index[b] == meta.images.index(image)) & np.isin(meta.kind[b], GRID_KINDS))
         grid = np.zeros((maps.shape[0], rows, cols), maps.dtype)
         grid[:, meta.grid_row[b, tokens], meta.grid_col[b, tokens]] = maps[:, b, tokens]
         grids.append(grid)
