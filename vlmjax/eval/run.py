@@ -13,18 +13,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmjax.data.loaders import PopeRecord
 from vlmjax.errors import VlmJaxError
+from vlmjax.eval.batches import DEFAULT_PROMPT, null_image, padded_batches  # noqa: F401 (null_image: re-export)
 from vlmjax.eval.pope import parse_yes_no, yes_probability
 from vlmjax.eval.records import ResultsWriter, ScalarLogger
 from vlmjax.generate import generate
-from vlmjax.inputs import image_placeholder
-
-DEFAULT_PROMPT = "USER: <image> {question} ASSISTANT:"
-NULL_IMAGES = ("black", "gray")
 
 
 def answer_token_ids(tokenizer, word: str) -> list[int]:
@@ -39,36 +35,19 @@ def answer_token_ids(tokenizer, word: str) -> list[int]:
     return sorted(ids)
 
 
-def null_image(image: Image.Image, kind: str) -> Image.Image:
-    """An all-black or mid-gray image of the same size (docs/methods.md §1's null image)."""
-    if kind not in NULL_IMAGES:
-        raise VlmJaxError(f"Unknown null image {kind!r}; choose one of {NULL_IMAGES}.")
-    return Image.new("RGB", image.size, (0, 0, 0) if kind == "black" else (128, 128, 128))
-
-
 def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, batch_size: int = 16,
                   max_new_tokens: int = 3, prompt: str = DEFAULT_PROMPT, image_kind: str | None = None,
                   hooks=None, logdir=None, progress: bool = True) -> list[dict]:
     """Evaluate `records`, appending to `out_path`; returns every record of the file (earlier runs' included)."""
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     yes_ids, no_ids = answer_token_ids(tokenizer, "yes"), answer_token_ids(tokenizer, "no")
-    texts = {r.question_id: prompt.format(question=r.text).replace("<image>", image_placeholder(processor))
-             for r in records}
-    length = prompt_length(processor, records[0], texts) if records else 0
     logger = ScalarLogger(str(logdir)) if logdir else None
     with ResultsWriter(str(out_path), id_key="id") as writer:
-        todo = [r for r in records if r.question_id in set(writer.pending([r.question_id for r in records]))]
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="POPE", unit="q", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            chunk = list(todo[start:start + batch_size])
-            real = len(chunk)
-            chunk += [chunk[-1]] * (batch_size - real)  # a full batch keeps one compiled shape
-            images = [r.load_image() for r in chunk]
-            if image_kind is not None:
-                images = [null_image(im, image_kind) for im in images]
-            inputs = processor(images=images, text=[texts[r.question_id] for r in chunk], return_tensors="np",
-                               padding="max_length", max_length=length)
+        pending = set(writer.pending([r.question_id for r in records]))
+        bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="POPE", unit="q",
+                   disable=not progress)
+        for chunk, real, inputs in padded_batches(processor, records, batch_size, pending=pending, prompt=prompt,
+                                                  image_kind=image_kind):
             tokens, first = generate(model, dict(inputs), max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id, hooks=hooks, return_first_logits=True)
             p_yes = yes_probability(first, yes_ids, no_ids)
@@ -86,15 +65,6 @@ def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, 
     if logger is not None:
         logger.close()
     return results
-
-
-def prompt_length(processor, sample: PopeRecord, texts: dict) -> int:
-    """The longest prompt of the set once the processor expands the image placeholder, rounded up to a multiple of
-    8: the sample's expanded length plus how much longer the longest text tokenises."""
-    tokenize = lambda t: len(processor.tokenizer(t)["input_ids"])
-    expanded = processor(images=[sample.load_image()], text=[texts[sample.question_id]], return_tensors="np")
-    longest = expanded["input_ids"].shape[1] + max(map(tokenize, texts.values())) - tokenize(texts[sample.question_id])
-    return int(-(-longest // 8) * 8)
 
 
 def load_shapes_pope(root, subset: str = "test", splits: Sequence[str] = ("random", "popular", "adversarial"),
