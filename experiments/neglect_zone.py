@@ -133,6 +133,8 @@ def summarise(records, grads, questions, biases, zone: list[int], config: dict) 
         "zone": zone, "early_layers": early, "late_layers": late, "bias_layers": zone,
         "visual_fraction": mean("visual_fraction"), "early_minus_zone": contrast(early), "late_minus_zone": contrast(late),
         "mass": mean("mass"), "last_query_mass": mean("last_query_mass"), "collapse_cosine": mean("collapse_cosine"),
+        "collapse_cosine_last_layer": asdict(bootstrap_ci(np.array([r["collapse_cosine"][-1] for r in records]),
+                                                          seed=config["bootstrap_seed"])),
         "gradient_importance": gradient, "gradient_questions": len(grads),
         "accuracy": accuracy_by_group(records, correct[:, plain], by_id),
         "viar": per_bias, "viar_bias": float(config["viar_bias"]),
