@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import vlmjax
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.batches import padded_batches
-from vlmjax.eval.pope import first_token_correct, yes_probability
+from vlmjax.eval.pope import candidate_probabilities, first_token_correct, yes_probability
 from vlmjax.eval.records import ResultsWriter, ScalarLogger
 from vlmjax.eval.run import answer_token_ids, shapes_image_size
 
@@ -135,18 +135,11 @@ class AnswerScorer:
                 p_answer[..., b] = p if q.answer == "yes" else 1 - p
                 correct[..., b] = first_token_correct(p[..., None], [q.answer])[..., 0]
             else:
-                scores = np.stack([_logsumexp(row[..., self.ids[c]]) for c in q.candidates], axis=-1)
-                probs = np.exp(scores - scores.max(-1, keepdims=True))
-                probs /= probs.sum(-1, keepdims=True)
+                probs = candidate_probabilities(row, [self.ids[c] for c in q.candidates])
                 index = q.candidates.index(q.answer)
                 p_answer[..., b] = probs[..., index]
                 correct[..., b] = probs.argmax(-1) == index
         return {"p_answer": p_answer, "correct": correct.astype(bool), "p_yes": p_yes}
-
-
-def _logsumexp(values: np.ndarray) -> np.ndarray:
-    peak = values.max(-1, keepdims=True)
-    return peak[..., 0] + np.log(np.exp(values - peak).sum(-1))
 
 
 def score_rows(scores: dict[str, np.ndarray], index) -> dict:

@@ -95,8 +95,9 @@ def viar_yes_ratio(s):
     measured = f"yes-ratio {pct(plain['yes_ratio'])} -> {pct(at['yes_ratio'])} (b = {at['bias']})"
     toward = abs(at["yes_ratio"] - 0.5) < abs(plain["yes_ratio"] - 0.5)
     ok = at["mcnemar_yes_ratio_p"] < ALPHA and toward
+    why = "the shift is not significant" if at["mcnemar_yes_ratio_p"] >= ALPHA else "the yes-ratio moves away from 50%"
     return Verdict(measured, f"McNemar p = {at['mcnemar_yes_ratio_p']:.3g}", REPRODUCED if ok else NOT_REPRODUCED,
-                   "" if ok else ("the shift is not significant" if toward else "the yes-ratio moves away from 50%"))
+                   "" if ok else why)
 
 
 def viar_accuracy(s):
@@ -398,7 +399,7 @@ def run_all(out: Path, model: str | None, quick: bool) -> dict[str, dict]:
         config = json.loads(study.CONFIG.read_text())
         config.update(out=str(out / name), data=str(out / "data"), model=model or config.get("model"))
         if quick:
-            config.update({k: v for k, v in QUICK.items() if k in config})
+            config.update({k: v for k, v in QUICK.items() if k in config and k != "questions"})
             config["question_files"] = {stem: QUICK["questions"] for stem in config["question_files"]}
         summaries[name] = study.run(config)
     return summaries

@@ -42,6 +42,10 @@ def with_answer_token(model, params, batch):
     extended = dict(batch)
     extended["input_ids"] = jnp.concatenate([batch["input_ids"], first[:, None].astype(jnp.int32)], axis=1)
     extended["attention_mask"] = jnp.concatenate([batch["attention_mask"], jnp.ones_like(first[:, None], bool)], 1)
+    for key, value in batch.items():  # other per-token inputs (LLaVA-NeXT's image_feature_index): the new token is
+        if key not in ("input_ids", "attention_mask", "position_ids") and getattr(value, "shape", ())[:2] == \
+                batch["input_ids"].shape:  # text, so any value serves; repeat the last column
+            extended[key] = jnp.concatenate([value, value[:, -1:]], axis=1)
     positions = batch.get("position_ids")
     if positions is not None and positions.ndim == 3:
         following = jnp.broadcast_to(positions.max(axis=(0, 2))[None, :, None] + 1, positions.shape[:2] + (1,))

@@ -162,3 +162,35 @@ def test_neglect_records_match_hf_attentions_and_logits(models, family, tmp_path
         record = records[q.question_id]
         np.testing.assert_allclose(record["visual_fraction"], fractions, rtol=0, atol=1e-4)
         np.testing.assert_allclose(record["by_bias"]["p_yes"][0], p_yes[b], rtol=0, atol=1e-4)
+
+
+def test_report_runs_every_study_and_judges_every_claim(tmp_path, monkeypatch):
+    from experiments import report
+
+    monkeypatch.setattr(report, "QUICK", {"n_images": 20, "questions": 2, "noise_repeats": 2, "gradient_questions": 2,
+                                          "random_seeds": [0, 1], "random_neuron_seeds": [0, 1],
+                                          "conditions": ["plain", "noise_delta", "noise_delta_visual"]})
+    assert report.main(["--out", str(tmp_path), "--quick", "--model", "builtin:llava-shapes"]) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert len(rows) == len(report.CLAIMS)
+    assert all(any(f"**{v}**" in row for v in (report.REPRODUCED, report.NOT_REPRODUCED, report.NOT_APPLICABLE))
+               for row in rows)
+    for name in report.STUDIES:
+        assert f"]({name}/" in text and (tmp_path / name / "summary.json").is_file()
+    assert "condition noise_qkv not run" in text  # a claim without its data is not applicable, with the reason
+
+
+def test_report_rules_decide_from_the_measured_values():
+    from experiments import report
+
+    summary = {"viar": [{"bias": 0.0, "accuracy": 0.8, "yes_ratio": 0.4},
+                        {"bias": 2.0, "accuracy": 0.81, "yes_ratio": 0.5, "mcnemar_yes_ratio_p": 0.001,
+                         "mcnemar_accuracy_p": 0.4}], "viar_bias": 2.0}
+    assert report.viar_yes_ratio(summary).verdict == report.REPRODUCED
+    assert report.viar_accuracy(summary).verdict == report.REPRODUCED
+    summary["viar"][1].update(yes_ratio=0.3)  # significant, but away from 50%
+    assert report.viar_yes_ratio(summary).verdict == report.NOT_REPRODUCED
+    summary["viar"][1].update(mcnemar_accuracy_p=0.01)
+    assert report.viar_accuracy(summary).verdict == report.NOT_REPRODUCED
+    assert report.viar_yes_ratio({**summary, "viar_bias": 5.0}).verdict == report.NOT_APPLICABLE

@@ -89,6 +89,15 @@ def yes_probability(logits, yes_token_ids: Sequence[int], no_token_ids: Sequence
     return 1.0 / (1.0 + np.exp(log_no - log_yes))
 
 
+def candidate_probabilities(logits, candidate_token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[..., C]: the first-token probability of each of C candidate answers renormalised over the candidates, each
+    candidate's score the logsumexp of its spellings' first tokens (``yes_probability`` for more than two answers)."""
+    scores = np.asarray(logits, dtype=np.float64)
+    per_candidate = np.stack([_logsumexp(scores[..., sorted(set(map(int, ids)))]) for ids in candidate_token_ids], -1)
+    weights = np.exp(per_candidate - per_candidate.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True)
+
+
 def _logsumexp(values: np.ndarray) -> np.ndarray:
     peak = np.max(values, axis=-1, keepdims=True)
     return np.squeeze(peak, -1) + np.log(np.sum(np.exp(values - peak), axis=-1))
