@@ -200,7 +200,7 @@ def plot(summary: dict, probes: list[dict], path: Path) -> None:
     bars = {"plain": summary["accuracy"]["all"]["accuracy"], "top patches removed": summary["accuracy_top_patches_removed"],
             "top dims ablated": summary["accuracy_top_dims_ablated"], "random dims": summary["random_dims_ablated_mean"]}
     axes[2].bar(range(len(bars)), list(bars.values()), yerr=[0, 0, 0, summary["random_dims_ablated_std"]], capsize=3)
-    axes[2].set_xticks(range(len(bars)), list(bars), fontsize=8)
+    axes[2].set_xticks(range(len(bars)), list(bars), fontsize=8, rotation=15)
     axes[2].set(ylabel="accuracy", title="causal tests")
     save_figure(fig, path, f"{summary['model']}: {summary['questions']} questions, {summary['images']} images")
 

@@ -169,7 +169,7 @@ def test_report_runs_every_study_and_judges_every_claim(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report, "QUICK", {"n_images": 20, "questions": 2, "noise_repeats": 2, "gradient_questions": 2,
                                           "random_seeds": [0, 1], "random_neuron_seeds": [0, 1],
-                                          "conditions": ["plain", "noise_delta", "noise_delta_visual"]})
+                                          "conditions": ["plain", "noise_delta_visual"]})
     assert report.main(["--out", str(tmp_path), "--quick", "--model", "builtin:llava-shapes"]) == 0
     text = (tmp_path / "REPORT.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
