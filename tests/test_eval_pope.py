@@ -120,3 +120,15 @@ def test_score_pope_without_probabilities_and_mixed():
     assert "Brier" not in format_table(table)
     with pytest.raises(ValueError, match="1 of 2 records have p_yes"):
         score_pope([{"prediction": "yes", "label": "yes", "p_yes": 0.9}, {"prediction": "no", "label": "yes"}])
+
+
+def test_candidate_probabilities_generalise_yes_probability_and_the_decision_rule():
+    from vlmjax.eval.pope import candidate_probabilities, first_token_correct, says_yes
+
+    logits = np.random.default_rng(0).normal(size=(3, 4, 10))
+    three = candidate_probabilities(logits, [[1, 2], [3], [5]])
+    np.testing.assert_allclose(three.sum(-1), 1.0)
+    np.testing.assert_allclose(candidate_probabilities(logits, [[1, 2], [3]])[..., 0],
+                               yes_probability(logits, [1, 2], [3]), rtol=1e-12)
+    assert says_yes([0.5, 0.49]).tolist() == [True, False]
+    assert first_token_correct([[0.7, 0.2], [0.4, 0.5]], ["yes", "no"]).tolist() == [[True, True], [False, False]]

@@ -164,14 +164,9 @@ class RemoveVisualTokens(Intervention):
     @classmethod
     def top_attended(cls, num_layers: int, visual_map, meta, fraction: float = 0.3, layers=None):
         """The top `fraction` of each sample's patches by a visual attention map [B, N] (e.g. a
-        `vlmjax.probes.LastQueryVisualMap` record of one layer), as methods §5's top-30% masking. One image per sample."""
-        rows, cols = np.asarray(meta.grid_row), np.asarray(meta.grid_col)
-        grids = {image.grid for image in meta.images}
-        if len(grids) != 1 or len(meta.images) != len(rows):
-            raise VlmJaxError("RemoveVisualTokens.top_attended needs exactly one image per sample, all of one patch "
-                              f"grid; this batch has {len(meta.images)} image(s) for {len(rows)} sample(s), "
-                              f"grids {sorted(grids)}. Build the token mask yourself and use from_mask.")
-        grid = grids.pop()
+        `vlmjax.probes.LastQueryVisualMap` record of one layer), as methods §5's top-30% masking. One image per
+        sample; the patches of its own grid (`VisualTokens.single_patch_grid`)."""
+        rows, cols, grid = meta.single_patch_grid("RemoveVisualTokens.top_attended")
         cells = np.asarray(visual_map_to_grid(jnp.asarray(visual_map), rows, cols, grid))
         top = top_fraction_mask(cells, fraction)
         mask = np.asarray(grid_to_visual_map(top.astype(np.float32), rows, cols)) > 0
@@ -455,17 +450,27 @@ NULL_IMAGE_LEVELS = {"black": 0.0, "gray": 128 / 255}  # pixel intensity in [0, 
 
 def null_image(pixel_values, kind: str, mean, std) -> jax.Array:
     """A replacement image of the same shape, already normalised as the processor would: every pixel at the level of
-    `kind` ("black": 0, the methods §1 null image; "gray": uint8 128), `(level - mean) / std` per channel."""
+    `kind` ("black": 0, the methods §1 null image; "gray": uint8 128), `(level - mean) / std` per channel. Takes every
+    family's layout: images [B, C, H, W], crops [B, P, C, H, W] (LLaVA-NeXT; channels third from last) and packed
+    patches [P, C * T * p * p] (Qwen2-VL; each patch's values channel-major, so the channel is the leading factor)."""
     if kind not in NULL_IMAGE_LEVELS:
         raise VlmJaxError(f"Null image kind must be one of {sorted(NULL_IMAGE_LEVELS)}, got {kind!r}.")
     pixel_values = jnp.asarray(pixel_values)
-    mean = jnp.asarray(mean, jnp.float32).reshape(-1, 1, 1)
-    std = jnp.asarray(std, jnp.float32).reshape(-1, 1, 1)
-    if mean.shape[0] != pixel_values.shape[1] or std.shape[0] != pixel_values.shape[1]:
-        raise VlmJaxError(f"mean and std need one value per channel ({pixel_values.shape[1]}), got "
-                          f"{mean.shape[0]} and {std.shape[0]}. Use the processor's image_mean / image_std.")
-    level = (NULL_IMAGE_LEVELS[kind] - mean) / std
-    return jnp.broadcast_to(level, pixel_values.shape).astype(pixel_values.dtype)
+    mean, std = jnp.asarray(mean, jnp.float32).reshape(-1), jnp.asarray(std, jnp.float32).reshape(-1)
+    if mean.shape != std.shape:
+        raise VlmJaxError(f"mean and std need one value per channel each, got {mean.shape[0]} and {std.shape[0]}.")
+    level = (NULL_IMAGE_LEVELS[kind] - mean) / std  # [C]
+    if pixel_values.ndim == 2:
+        if pixel_values.shape[1] % level.shape[0]:
+            raise VlmJaxError(f"Packed patches of width {pixel_values.shape[1]} do not split into {level.shape[0]} "
+                              "channels. Use the processor's image_mean / image_std.")
+        per_channel = pixel_values.shape[1] // level.shape[0]
+        return jnp.broadcast_to(jnp.repeat(level, per_channel), pixel_values.shape).astype(pixel_values.dtype)
+    if pixel_values.ndim < 4 or pixel_values.shape[-3] != level.shape[0]:
+        raise VlmJaxError(f"mean and std need one value per channel: pixel_values of shape {pixel_values.shape} "
+                          f"(channels third from last, or packed patches [P, C*T*p*p]) against {level.shape[0]} "
+                          "values. Use the processor's image_mean / image_std.")
+    return jnp.broadcast_to(level[:, None, None], pixel_values.shape).astype(pixel_values.dtype)
 
 
 VCD_STEPS = 1000

@@ -15,6 +15,7 @@ from vlmjax.errors import VlmJaxError
 TEXT, PATCH, CLS = 0, 1, 2
 BASE, CROP, NEWLINE = 3, 4, 5  # LLaVA-NeXT: base-image patch, crop-mosaic patch, row-end newline
 KIND_NAMES = {TEXT: "text", PATCH: "patch", CLS: "cls", BASE: "base", CROP: "crop", NEWLINE: "newline"}
+GRID_KINDS = (PATCH, BASE)  # the tokens of an image's own patch grid (LLaVA-NeXT's crops lie on another)
 
 
 @dataclasses.dataclass
@@ -39,12 +40,17 @@ class VisualTokens:
     def positions(self, sample: int) -> np.ndarray:
         return np.flatnonzero(self.mask[sample])
 
-    def compat_first_columns(self, count: int) -> np.ndarray:
-        """[B, N] bool: the first `count` key columns, whatever they hold. Reproduces code that hard-coded the
-        visual span (e.g. count=576 in the VIAR release); use only to reproduce a published number."""
-        cols = np.zeros(self.mask.shape, bool)
-        cols[:, :count] = True
-        return cols
+    def single_patch_grid(self, who: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """(grid rows, grid cols [B, N], -1 off the grid; the grid's (rows, cols)) for a batch of one image per
+        sample, all of one patch grid: the patch tokens (LLaVA-NeXT: the base image's; Qwen2-VL: the merged grid of
+        the image's single frame, (t, h, w) -> (h, w)). `who` names the caller in the error."""
+        grids = {image.grid[-2:] for image in self.images}
+        if len(grids) != 1 or len(self.images) != len(self.mask):
+            raise VlmJaxError(f"{who} needs exactly one image per sample, all of one patch grid; this batch has "
+                              f"{len(self.images)} image(s) for {len(self.mask)} sample(s), grids {sorted(grids)}. "
+                              "Build the token mask yourself.")
+        on_grid = np.isin(self.kind, GRID_KINDS)
+        return np.where(on_grid, self.grid_row, -1), np.where(on_grid, self.grid_col, -1), grids.pop()
 
 
 def llava_visual_tokens(input_ids: np.ndarray, image_token_id: int, grid: int, with_cls: bool,

@@ -57,6 +57,18 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict:
             "yes_ratio": (tp + fp) / len(pred), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
+def says_yes(p_yes) -> np.ndarray:
+    """The first-token decision, the one place it is made: "yes" (True) where ``p_yes >= 0.5``."""
+    return np.asarray(p_yes, dtype=np.float64) >= 0.5
+
+
+def first_token_correct(p_yes, labels: Sequence[str]) -> np.ndarray:
+    """bool [..., Q]: whether each first-token decision (``says_yes``) matches its "yes"/"no" label; ``p_yes`` may
+    carry leading axes (conditions of a sweep) before the question axis."""
+    truth = np.array([_as_label(label) == "yes" for label in labels])
+    return says_yes(p_yes) == truth
+
+
 def yes_probability(logits, yes_token_ids: Sequence[int], no_token_ids: Sequence[int]) -> np.ndarray:
     """``p_yes = P(yes) / (P(yes) + P(no))`` from first-decode-step logits or log-probs of shape (..., vocab).
 
@@ -75,6 +87,15 @@ def yes_probability(logits, yes_token_ids: Sequence[int], no_token_ids: Sequence
     log_yes = _logsumexp(scores[..., yes_ids])
     log_no = _logsumexp(scores[..., no_ids])
     return 1.0 / (1.0 + np.exp(log_no - log_yes))
+
+
+def candidate_probabilities(logits, candidate_token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[..., C]: the first-token probability of each of C candidate answers renormalised over the candidates, each
+    candidate's score the logsumexp of its spellings' first tokens (``yes_probability`` for more than two answers)."""
+    scores = np.asarray(logits, dtype=np.float64)
+    per_candidate = np.stack([_logsumexp(scores[..., sorted(set(map(int, ids)))]) for ids in candidate_token_ids], -1)
+    weights = np.exp(per_candidate - per_candidate.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True)
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:
@@ -104,7 +125,7 @@ def expected_calibration_error(p_yes, labels: Sequence[str], n_bins: int = 10) -
     """ECE of the first-token yes/no decision over ``n_bins`` equal-width confidence bins (see module docstring)."""
     probs, truth = _probabilities_and_truth(p_yes, labels)
     confidence = np.maximum(probs, 1.0 - probs)
-    correct = ((probs >= 0.5) == (truth == 1.0)).astype(np.float64)
+    correct = (says_yes(probs) == (truth == 1.0)).astype(np.float64)
     inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
     bins = np.searchsorted(inner_edges, confidence, side="left")  # edges[k] < confidence <= edges[k + 1]
     ece = 0.0

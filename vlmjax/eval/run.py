@@ -14,19 +14,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmjax.data.loaders import PopeRecord
 from vlmjax.errors import VlmJaxError
+from vlmjax.eval.batches import DEFAULT_PROMPT, null_image, padded_batches  # noqa: F401 (null_image: re-export)
 from vlmjax.eval.pope import parse_yes_no, yes_probability
 from vlmjax.eval.records import ResultsWriter, ScalarLogger
 from vlmjax.api import ordered
 from vlmjax.generate import generate
-from vlmjax.inputs import image_placeholder
-
-DEFAULT_PROMPT = "USER: <image> {question} ASSISTANT:"
-NULL_IMAGES = ("black", "gray")
 
 
 def answer_token_ids(tokenizer, word: str) -> list[int]:
@@ -39,13 +35,6 @@ def answer_token_ids(tokenizer, word: str) -> list[int]:
     if not ids:
         raise VlmJaxError(f"The tokenizer has no token for {word!r}; first-token scoring needs one.")
     return sorted(ids)
-
-
-def null_image(image: Image.Image, kind: str) -> Image.Image:
-    """An all-black or mid-gray image of the same size (docs/methods.md §1's null image)."""
-    if kind not in NULL_IMAGES:
-        raise VlmJaxError(f"Unknown null image {kind!r}; choose one of {NULL_IMAGES}.")
-    return Image.new("RGB", image.size, (0, 0, 0) if kind == "black" else (128, 128, 128))
 
 
 def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, batch_size: int = 16,
@@ -61,24 +50,14 @@ def evaluate_pope(model, processor, records: Sequence[PopeRecord], out_path, *, 
     fingerprint = eval_fingerprint(model, records, data, prompt=prompt, max_new_tokens=max_new_tokens,
                                    image_kind=image_kind, hooks=hooks)
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     yes_ids, no_ids = answer_token_ids(tokenizer, "yes"), answer_token_ids(tokenizer, "no")
-    texts = {r.question_id: prompt.format(question=r.text).replace("<image>", image_placeholder(processor))
-             for r in records}
-    length = prompt_length(processor, records[0], texts) if records else 0
     logger = ScalarLogger(str(logdir)) if logdir else None
     with ResultsWriter(str(out_path), id_key="id", fingerprint=fingerprint, overwrite=overwrite) as writer:
-        todo = [r for r in records if r.question_id in set(writer.pending([r.question_id for r in records]))]
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="POPE", unit="q", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            chunk = list(todo[start:start + batch_size])
-            real = len(chunk)
-            chunk += [chunk[-1]] * (batch_size - real)  # a full batch keeps one compiled shape
-            images = [r.load_image() for r in chunk]
-            if image_kind is not None:
-                images = [null_image(im, image_kind) for im in images]
-            inputs = processor(images=images, text=[texts[r.question_id] for r in chunk], return_tensors="np",
-                               padding="max_length", max_length=length)
+        pending = set(writer.pending([r.question_id for r in records]))
+        bar = tqdm(total=len(records), initial=len(records) - len(pending), desc="POPE", unit="q",
+                   disable=not progress)
+        for chunk, real, inputs in padded_batches(processor, records, batch_size, pending=pending, prompt=prompt,
+                                                  image_kind=image_kind):
             tokens, first = generate(model, dict(inputs), max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id, hooks=hooks, return_first_logits=True)
             if check_finite and not np.isfinite(first).all():
@@ -130,15 +109,6 @@ def locate_nonfinite(model, inputs, hooks, ids) -> None:
     except VlmJaxError as error:
         raise VlmJaxError(f"{error}{where}") from None
     raise VlmJaxError(f"The first decode step's logits are not finite{where}, though the forward's are.")
-
-
-def prompt_length(processor, sample: PopeRecord, texts: dict) -> int:
-    """The longest prompt of the set once the processor expands the image placeholder, rounded up to a multiple of
-    8: the sample's expanded length plus how much longer the longest text tokenises."""
-    tokenize = lambda t: len(processor.tokenizer(t)["input_ids"])
-    expanded = processor(images=[sample.load_image()], text=[texts[sample.question_id]], return_tensors="np")
-    longest = expanded["input_ids"].shape[1] + max(map(tokenize, texts.values())) - tokenize(texts[sample.question_id])
-    return int(-(-longest // 8) * 8)
 
 
 def load_shapes_pope(root, subset: str = "test", splits: Sequence[str] = ("random", "popular", "adversarial"),

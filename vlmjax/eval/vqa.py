@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from vlmjax.data.loaders import VqaRecord, load_vqa
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.records import ResultsWriter
-from vlmjax.eval.run import DEFAULT_PROMPT, prompt_length
+from vlmjax.eval.batches import DEFAULT_PROMPT, prompt_length
 from vlmjax.generate import generate
 from vlmjax.inputs import image_placeholder
 
