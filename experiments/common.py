@@ -36,6 +36,8 @@ LAST_QUERY = "the sample's last real token (the prompt ends with 'ASSISTANT:'; l
 # fingerprints of their own, n_images only makes the data), and keys naming decoder layers.
 NOT_SETTINGS = ("model", "data", "out", "n_images", "batch_size", "overwrite")
 LAYER_KEYS = ("zone", "fusion_layers", "review_layer", "map_layer")
+NULLABLE_TYPES = {"model": str, "data": str, "zone": list, "fusion_layers": list, "num_fusion_layers": int,
+                  "review_layer": int, "map_layer": int}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,7 +135,12 @@ def check_config(config: dict, defaults: dict) -> None:
                           "config (experiments/NAME.json).")
     for key, default in defaults.items():
         value = config[key]
-        if default is None or (value is None and key in LAYER_KEYS):
+        if value is None and (default is None or key in LAYER_KEYS):
+            continue
+        if default is None:  # null by default (the default model, a generated dataset, layers chosen by the study)
+            wanted = NULLABLE_TYPES.get(key, object)
+            if not isinstance(value, wanted) or isinstance(value, bool):
+                raise VlmJaxError(f"Config key {key!r} must be a {wanted.__name__} or null, got {value!r}.")
             continue
         wanted = (int, float) if isinstance(default, float) else type(default)
         if not isinstance(value, wanted) or isinstance(value, bool) != isinstance(default, bool):

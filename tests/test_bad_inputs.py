@@ -422,7 +422,8 @@ def _study(module, tmp_path, capsys, config: dict, *flags):
 def _config(module, root, tmp_path, **changes):
     config = json.loads(module.CONFIG.read_text())
     config.update(model=str(root / "model"), data=str(root / "data"), out=str(tmp_path / "study"),
-                  limit_per_split=1, batch_size=3)
+                  question_files={"pope_test_random": 1, "pope_test_popular": 1, "pope_test_adversarial": 1},
+                  batch_size=3)
     config.update(changes)
     return config
 
@@ -439,7 +440,7 @@ STUDY_CASES = [
     (fusion_layers, dict(review_layer=12), "'review_layer' holds layer 12"),
     (fusion_layers, dict(soft_mask_scale=float("inf")), "'soft_mask_scale' holds inf"),
     (reliability_probes, dict(map_layer=-1), "'map_layer' holds layer -1"),
-    (reliability_probes, dict(model=None), "'model' must be a str"),
+    (reliability_probes, dict(model=5), "'model' must be a str or null, got 5"),
 ]
 
 
@@ -459,9 +460,10 @@ def test_study_config_files_are_checked(root, tmp_path, capsys):
     assert status == 2 and "config.json is not valid JSON" in err
     status, err = _study(neglect_zone, tmp_path, capsys, "[1, 2]")
     assert status == 2 and "holds a list" in err
-    status, err = _study(neglect_zone, tmp_path, capsys, _config(neglect_zone, root, tmp_path), "--limit-per-split",
-                         "0")
-    assert status == 2 and "--limit-per-split: must be a positive integer, got '0'" in err
+    status, err = _study(neglect_zone, tmp_path, capsys, _config(neglect_zone, root, tmp_path), "--n-images", "0")
+    assert status == 2 and "--n-images: must be a positive integer, got '0'" in err
+    status, err = _study(neglect_zone, tmp_path, capsys, _config(neglect_zone, root, tmp_path), "--questions", "-1")
+    assert status == 2 and "--questions must be 0 (all) or a positive count, got -1" in err
     status = neglect_zone.main(["--config", str(tmp_path / "missing.json")])
     assert status == 2 and "missing.json is not a file" in capsys.readouterr().err
 
