@@ -1,13 +1,16 @@
 """Every command-line flag says what it does: each argument of `vlmjax` (every subcommand), `python -m vlmjax.train`
-and `python -m vlmjax.data.shapes` has a non-empty help text."""
+`python -m vlmjax.data.shapes` and every study (`python -m experiments.NAME`) has a non-empty help text."""
 
 import argparse
 from unittest import mock
 
 import pytest
 
+from experiments import fusion_layers, neglect_zone, reliability_probes, report, update_geometry, visual_heads
 from vlmjax import cli, train
 from vlmjax.data import shapes
+
+STUDIES = [neglect_zone, fusion_layers, visual_heads, update_geometry, reliability_probes, report]
 
 
 class _Parsed(Exception):
@@ -34,10 +37,11 @@ def arguments(parser: argparse.ArgumentParser):
         yield parser.prog, action
 
 
-@pytest.mark.parametrize("main", [cli.main, train.main, shapes.main], ids=["vlmjax", "train", "shapes"])
+@pytest.mark.parametrize("main", [cli.main, train.main, shapes.main, *(m.main for m in STUDIES)],
+                         ids=["vlmjax", "train", "shapes", *(m.__name__.split(".")[-1] for m in STUDIES)])
 def test_every_flag_has_help(main):
     found = list(arguments(parser_of(main)))
-    assert len(found) >= 5
+    assert len(found) >= 4
     missing = [f"{command} {'/'.join(a.option_strings) or a.dest}" for command, a in found
                if not (a.help or "").strip() or a.help == argparse.SUPPRESS]
     assert missing == []

@@ -1,10 +1,10 @@
-"""Every progress bar of the library knows its total: each `tqdm(...)` call passes `total=` or iterates a range."""
+"""Every progress bar of the library and the studies knows its total: each `tqdm(...)` call passes `total=` or iterates a range."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-LIBRARY = sorted(p for d in ("vlmjax", "converters") for p in (ROOT / d).rglob("*.py"))
+LIBRARY = sorted(p for d in ("vlmjax", "converters", "experiments") for p in (ROOT / d).rglob("*.py"))
 
 
 def tqdm_calls(path: Path):
