@@ -144,6 +144,7 @@ def run_jax(path: str, inputs_file: str, save: str, bench: bool, repeats: int, c
     inputs = dict(np.load(inputs_file))
     positions = inputs.pop("_positions")
     batch, _ = model.prepare(inputs)
+    batch = jax.device_put(batch)  # on the device once, as HF's inputs are
     logits = jax.jit(lambda p, b: model.forward(p, b, {}, logits="all")["logits"])(model.params, batch)
     np.save(save, _compared_logits(logits, positions))
     result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}

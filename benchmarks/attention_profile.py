@@ -137,8 +137,9 @@ def run_one(kind: str, path: str, batch: int, repeats: int) -> dict:
             return torch.stack(results)
 
         if kind.startswith("nnsight"):
-            profile, sweep = nnsight_workloads(model, feed, visual, text, zone, values)
-        fn = profile if kind.endswith("profile") else sweep
+            fn = nnsight_workloads(model, feed, visual, text, zone, values)[kind.endswith("sweep")]
+        else:
+            fn = profile if kind == "hf_profile" else sweep
     else:
         import jax
         import jax.numpy as jnp

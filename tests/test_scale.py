@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import ml_dtypes
-import numpy as np
 import pytest
 from safetensors import safe_open
 
