@@ -42,8 +42,6 @@ from vlmjax.data import shapes
 from vlmjax.eval.pope import pope_metrics, yes_probability
 from vlmjax.eval.run import answer_token_ids
 from vlmjax.inputs import image_placeholder
-from vlmjax.models import llava, qwen2_vl
-from vlmjax.models.llava import merge_image_features
 from vlmjax.tiny import IMAGE_TOKEN, build_tokenizer
 
 PROMPT = "USER: {image} {question} ASSISTANT:"
@@ -376,25 +374,10 @@ def model_batch(batch: dict) -> dict:
 
 
 def training_forward(model, params, batch: dict, logits: str | None) -> dict:
-    """``model.forward`` on a training batch. For Qwen2-VL the vision tower runs image by image under ``vmap``
-    (every training image has the same grid): the same numbers as the packed block-diagonal attention of
-    ``qwen2_vl.image_features``, without its cost quadratic in the batch's total patch count."""
-    inputs = model_batch(batch)
-    if model.module is not qwen2_vl:
-        return model.forward(params, inputs, logits=logits)
-    n_images = batch["patch_labels"].shape[0]
-    per_image = lambda x: x.reshape(n_images, -1, *x.shape[1:])
-
-    def add_images(params, batch, cfg, x, hooks, run_global):
-        one_image = lambda pixels, positions: qwen2_vl.image_features(
-            params, {"pixel_values": pixels, "vision_segment_ids": jnp.zeros(pixels.shape[0], jnp.int32),
-                     "vision_positions": positions}, cfg, hooks, run_global)[0]
-        features = jax.vmap(one_image)(per_image(batch["pixel_values"]), per_image(batch["vision_positions"]))
-        features = features.reshape(1, -1, features.shape[-1])
-        return merge_image_features(x, batch["input_ids"], features, cfg.image_token_id), features
-
-    return llava.language_forward(params, inputs, model.config, None, add_images, rotary=qwen2_vl.rotary_mrope,
-                                  logits=logits)
+    """``model.forward`` on a training batch, whose images all have the same size: for Qwen2-VL the vision tower
+    then runs image by image under ``vmap`` (the skeleton's ``equal_images``), the same numbers as the packed
+    block-diagonal attention without its cost quadratic in the batch's total patch count."""
+    return model.forward(params, model_batch(batch), logits=logits, equal_images=batch["patch_labels"].shape[0])
 
 
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:
