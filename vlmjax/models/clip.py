@@ -13,7 +13,7 @@ from flax import nnx
 
 from vlmjax.config import CLIPVisionConfig
 from vlmjax.hooks import Context, SiteRunner
-from vlmjax.models.layers import LayerNorm, Linear, activation, attention, key_rows, scan_stack, weight
+from vlmjax.models.layers import LayerNorm, Linear, attention, key_rows, scan_stack, vit_block_end, weight
 
 _V = "model.vision_tower."
 KEY_ROWS = (
@@ -57,11 +57,7 @@ class CLIPBlock(nnx.Module):
         k = run("attn.k", self.k(h).reshape(b, n, heads, d // heads))
         v = run("attn.v", self.v(h).reshape(b, n, heads, d // heads))
         z = attention(q, k, v, None, run, (d // heads) ** -0.5)
-        x = x + run("attn.out", self.o(z.reshape(b, n, d)))
-        x = run("resid_mid", x)
-        h = run("mlp.hidden", activation(self.cfg.hidden_act)(self.fc1(self.norm2(x))))
-        x = x + run("mlp.out", self.fc2(h))
-        return run("resid_post", x)
+        return vit_block_end(x, z, self.o, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
 
 
 class CLIPVision(nnx.Module):

@@ -43,7 +43,7 @@ from vlmjax.inputs import text_batch
 from vlmjax.models import decoder
 from vlmjax.models.decoder import Decoder
 from vlmjax.models.layers import (LayerNorm, Linear, activation, additive_mask, apply_rope, attention, key_rows,
-                                  rope_inv_freq, scan_stack)
+                                  rope_inv_freq, scan_stack, vit_block_end)
 from vlmjax.models.vlm import VisionLanguageModel
 from vlmjax.visual import PATCH, ImageSpan, VisualTokens
 
@@ -325,11 +325,7 @@ class VisionBlock(nnx.Module):
         q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)  # rotary in fp32, as HF's vision rotary
         k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
         z = attention(q, k, v, mask_add, run, (d // heads) ** -0.5)
-        x = x + run("attn.out", self.proj(z.reshape(b, n, d)))
-        x = run("resid_mid", x)
-        h = run("mlp.hidden", activation(self.cfg.hidden_act)(self.fc1(self.norm2(x))))
-        x = x + run("mlp.out", self.fc2(h))
-        return run("resid_post", x)
+        return vit_block_end(x, z, self.proj, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
 
 
 class VisionTower(nnx.Module):
