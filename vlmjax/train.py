@@ -1,10 +1,10 @@
 """Train a small VLM (LLaVA or Qwen2-VL architecture) on the shapes world, in JAX, and save it as an HF directory.
 
 ``python -m vlmjax.train --preset llava-shapes --out DIR`` generates a shapes-world dataset in memory
-(``vlmjax.data.shapes``), builds a word-level tokenizer and the family's HF processor, initialises a small HF model
-with torch (``LlavaForConditionalGeneration``: CLIP tower, MLP projector, Llama decoder; or
-``Qwen2VLForConditionalGeneration``: Qwen2-VL tower with 2-D rotary and patch merger, Qwen2 decoder with M-RoPE),
-loads it with ``vlmjax.load`` and trains it with optax (AdamW, warmup then cosine decay) in two stages:
+(``vlmjax.data.shapes``), builds a word-level tokenizer and the family's HF processor, initialises a small model of
+an HF architecture with Flax (``nnx.Rngs``; LLaVA: CLIP tower, MLP projector, Llama decoder; or Qwen2-VL: its tower
+with 2-D rotary and patch merger, Qwen2 decoder with M-RoPE), saves it as an HF directory, loads it with
+``vlmjax.load`` and trains it with optax (AdamW, warmup then cosine decay) in two stages:
 
 1. alignment: every visual token's output (after the projector / merger) is pulled, through the tied word
    embeddings, towards the colour and shape words of the object it shows (``grounding_loss``), training the vision
@@ -164,15 +164,17 @@ def hf_config(cfg: TrainConfig, tokenizer):
 
 
 def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
-    """Save a randomly initialised HF model of the configured family and size (torch init, seeded) with the
-    processor files."""
-    import torch
-    from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+    """Save a randomly initialised model of the configured family and size (Flax initialisation, ``nnx.Rngs(seed)``:
+    see ``vlmjax.models.vlm.init_params``) as an HF checkpoint directory with the processor files."""
+    from flax import nnx
 
-    model_class = Qwen2VLForConditionalGeneration if cfg.family == "qwen2_vl" else LlavaForConditionalGeneration
-    torch.manual_seed(cfg.seed)
-    model = model_class(hf_config(cfg, processor.tokenizer)).eval()
-    model.save_pretrained(str(out_dir))
+    from converters.hf import save_hf
+    from vlmjax import models
+    from vlmjax.models import vlm
+
+    config = hf_config(cfg, processor.tokenizer)
+    model_cfg = models.from_hf(config)
+    save_hf(vlm.init_params(model_cfg, nnx.Rngs(cfg.seed)), model_cfg, config, out_dir)
     if cfg.family == "qwen2_vl":
         from vlmjax.tiny_qwen2_vl import save_processor
 
