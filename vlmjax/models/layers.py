@@ -1,6 +1,7 @@
-"""Primitives shared by every model file: the parameter-holding Flax modules (`Linear`, `RMSNorm`, `LayerNorm`,
-`stacked` parameters with a leading layer axis), norms, activations, rotary embeddings, masks, attention with sites,
-and `scan_stack`, which runs a stacked block module under the hooks' layer scan.
+"""Primitives shared by every model file: the parameter-holding Flax modules (`Linear`, `RMSNorm`, `LayerNorm`; with
+`layers=(L,)` their parameters carry a leading layer axis, for a block module that holds every layer), `scan_stack`
+(runs such a block under the hooks' layer scan), activations, rotary embeddings, masks, attention with sites, and
+`key_rows` (HF key-table rows of those modules).
 
 Numerics follow the HF PyTorch reference exactly where it matters for fp32 parity: RMSNorm in fp32 then cast before
 the weight, softmax in fp32 then cast to the compute dtype, masks added as finfo.min (never -inf), rotary tables in
