@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from converters.keymaps import KeyMap, is_ignored
 from vlmjax import models
 from vlmjax.errors import VlmJaxError
+from vlmjax.models import vlm
 
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -70,7 +71,7 @@ def expected_shapes(cfg) -> dict[str, tuple]:
             else:
                 flat[prefix + k] = tuple(v)
 
-    walk(model_module(cfg).param_shapes(cfg), "")
+    walk(vlm.param_shapes(cfg), "")
     return flat
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from vlmjax import models
 from vlmjax.errors import VlmJaxError
+from vlmjax.models import vlm
 from vlmjax.visual import VisualTokens
 
 def ordered(hooks) -> collections.OrderedDict:
@@ -51,9 +52,7 @@ class VLM:
         self.params = params
         self.hf_config = hf_config
         self.path = path
-        from converters.hf import model_module
-
-        self.module = model_module(cfg)
+        self.module = models.family(cfg.model_type)
 
     @property
     def dtype(self):
@@ -77,14 +76,19 @@ class VLM:
     def _jitted(self):
         @functools.partial(jax.jit, static_argnames=("output_hidden_states", "output_attentions", "logits"))
         def run(params, batch, hooks, output_hidden_states, output_attentions, logits):
-            return self.module.forward(params, batch, self.config, hooks, output_hidden_states=output_hidden_states,
-                                       output_attentions=output_attentions, logits=logits)
+            return vlm.forward(params, batch, self.config, hooks, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions, logits=logits)
 
         return run
 
     def forward(self, params, batch, hooks=None, **options):
-        """The pure forward of this model's family with its config bound (use inside your own jit / vmap / grad)."""
-        return self.module.forward(params, batch, self.config, hooks, **options)
+        """The pure forward of this model's family with its config bound (use inside your own jit / vmap / grad):
+        the family's Flax module merged with `params` inside the traced function (see vlmjax.models.vlm)."""
+        return vlm.forward(params, batch, self.config, hooks, **options)
+
+    def flax_module(self, params=None) -> vlm.VisionLanguageModel:
+        """The Flax NNX module holding these params (or `params`): `nnx.display(model.flax_module())`."""
+        return vlm.bind(self.config, self.params if params is None else params)
 
     def __call__(self, *, output_hidden_states: bool = False, output_attentions: bool = False, hooks=None,
                  logits: str | None = "all", params=None, check_finite: bool = False, **inputs) -> ModelOutput:
@@ -124,7 +128,7 @@ def load(path: str | os.PathLike, dtype=None, progress: bool = True, mesh=None, 
     path = Path(path)
     hf_config = hf_conv.read_hf_config(path)
     cfg = models.from_hf(hf_config)
-    check_dtype = getattr(hf_conv.model_module(cfg), "check_dtype", None)  # a family may refuse a dtype
+    check_dtype = getattr(models.family(cfg.model_type), "check_dtype", None)  # a family may refuse a dtype
     if check_dtype is not None:
         check_dtype(cfg, dtype or (orbax_io.stored_dtype(path) if orbax_io.is_converted(path) else jnp.float32))
     shardings = _placement(hf_conv.expected_shapes(cfg), mesh, rules)

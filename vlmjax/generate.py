@@ -1,11 +1,12 @@
-"""Decoding with a KV cache: one jitted prefill, then one jitted scan over the new tokens (no recompile per step).
+"""Decoding with a KV cache: one jitted prefill, then one jitted scan over the new tokens (no recompile per step),
+both on the VLM skeleton (vlmjax.models.vlm): its forward for the prompt, its `decode_step` for each new token.
 
 The cache is itself a hook: prefill captures every layer's rotated keys and values (sites `attn.rot_k`, `attn.v`);
 each decode step's `KVCache` hook writes the new token's key and value into the cache at the step's index and hands
 attention the whole cache, with the mask computed from the cache's valid positions. User hooks (interventions,
 metrics) compose with it in prefill and in every step. Greedy decoding matches HF `generate` token for token
-(each family's `decode_start` / `step_rotary` give HF's positions: the mask's cumulative sum for LLaVA-style models,
-the rope index plus `rope_deltas` for Qwen2-VL's M-RoPE).
+(each family's `decode_start` and its module's `step_rotary` give HF's positions: the mask's cumulative sum for
+LLaVA-style models, the rope index plus `rope_deltas` for Qwen2-VL's M-RoPE).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from vlmjax import dola
 from vlmjax.api import ordered
 from vlmjax.checks import check_hooks
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Capture, Context, Hook, SiteRunner
-from vlmjax.models import decoder
+from vlmjax.hooks import Capture, Hook
+from vlmjax.models import vlm
 
 _PREFILL = "_kv_prefill"
 _CACHE = "_kv_cache"
@@ -71,18 +72,17 @@ def contrastive_logits(real, distorted, alpha, beta):
 def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p,
               contrastive=False, alpha=1.0, beta=0.1, dola_layers=None, dola_trace=False):
     cfg = model.config
-    text_cfg = cfg.text
+    net = vlm.bind(cfg, params)
     b, n = batch["input_ids"].shape
     if dola_layers:
         hooks = {**hooks, _DOLA: dola.LastResidual(only_layers=dola_layers)}
     prefill_hooks = {**hooks, _PREFILL: Capture(sites=frozenset({"attn.rot_k", "attn.v"}))}
-    out = model.forward(params, batch, prefill_hooks, logits="last")
+    out = net(batch, prefill_hooks, logits="last")
     captured = out["hooks"][_PREFILL]
     grow = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)))
     cache_k, cache_v = grow(captured["attn.rot_k"]), grow(captured["attn.v"])
     key_valid = jnp.pad(batch["attention_mask"].astype(bool), ((0, 0), (0, max_new_tokens)))
     visual_keys = jnp.pad(batch["input_ids"] == cfg.image_token_id, ((0, 0), (0, max_new_tokens)))
-    text = params["text"]
 
     def scores(logits, records):
         """(the logits the token comes from, DoLa's premature layer [B] or None)."""
@@ -110,12 +110,8 @@ def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_toke
         token = jnp.where(finished, pad, token)
         finished = finished | (token == eos)
         key_valid = key_valid.at[:, index].set(True)
-        x = text["embed"][token][:, None]
-        cos, sin = model.module.step_rotary(cfg, position, x.dtype)
         hooks_now = {_CACHE: KVCache(k=cache_k, v=cache_v, index=index), **hooks}
-        run_global = SiteRunner(hooks_now, Context(stack="", visual_mask=visual_keys, key_padding=key_valid))
-        res = decoder.forward_from_embeddings(text, x, cos, sin, key_valid, visual_keys, hooks_now, run_global,
-                                              text_cfg, logits="all", query_offset=index)
+        res = net.decode_step(token, position, key_valid, visual_keys, index, hooks_now)
         cache = res["hooks"][_CACHE]
         key, sub = jax.random.split(key)
         logits, premature = scores(res["logits"][:, -1], res["hooks"])

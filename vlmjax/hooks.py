@@ -115,6 +115,11 @@ class SiteRunner:
         self.ctx = self.ctx.replace(earlier={**self.ctx.earlier, site: value})
         return value
 
+    def add_records(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Keep the records of a layer scan (or another runner) with this runner's: {hook name: {site: record}}."""
+        for name, r in records.items():
+            self.records.setdefault(name, {}).update(r)
+
 
 def split_per_layer(hooks: Mapping[str, Hook], stack: str, start: int, stop: int):
     """(scanned, rebuild): the per-layer fields of hooks on `stack` sliced to [start, stop), and a function that

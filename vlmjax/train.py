@@ -1,10 +1,10 @@
 """Train a small VLM (LLaVA or Qwen2-VL architecture) on the shapes world, in JAX, and save it as an HF directory.
 
 ``python -m vlmjax.train --preset llava-shapes --out DIR`` generates a shapes-world dataset in memory
-(``vlmjax.data.shapes``), builds a word-level tokenizer and the family's HF processor, initialises a small HF model
-with torch (``LlavaForConditionalGeneration``: CLIP tower, MLP projector, Llama decoder; or
-``Qwen2VLForConditionalGeneration``: Qwen2-VL tower with 2-D rotary and patch merger, Qwen2 decoder with M-RoPE),
-loads it with ``vlmjax.load`` and trains it with optax (AdamW, warmup then cosine decay) in two stages:
+(``vlmjax.data.shapes``), builds a word-level tokenizer and the family's HF processor, initialises a small model of
+an HF architecture with Flax (``nnx.Rngs``; LLaVA: CLIP tower, MLP projector, Llama decoder; or Qwen2-VL: its tower
+with 2-D rotary and patch merger, Qwen2 decoder with M-RoPE), saves it as an HF directory, loads it with
+``vlmjax.load`` and trains it with optax (AdamW, warmup then cosine decay) in two stages:
 
 1. alignment: every visual token's output (after the projector / merger) is pulled, through the tied word
    embeddings, towards the colour and shape words of the object it shows (``grounding_loss``), training the vision
@@ -43,8 +43,6 @@ from vlmjax.data import shapes
 from vlmjax.eval.pope import pope_metrics, yes_probability
 from vlmjax.eval.run import answer_token_ids
 from vlmjax.inputs import image_placeholder
-from vlmjax.models import llava, qwen2_vl
-from vlmjax.models.llava import merge_image_features
 from vlmjax.processors import IMAGE_TOKEN, build_tokenizer
 
 PROMPT = "USER: {image} {question} ASSISTANT:"
@@ -175,15 +173,17 @@ def hf_config(cfg: TrainConfig, tokenizer):
 
 
 def init_hf_model(cfg: TrainConfig, processor, out_dir: str | Path):
-    """Save a randomly initialised HF model of the configured family and size (torch init, seeded) with the
-    processor files."""
-    import torch
-    from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+    """Save a randomly initialised model of the configured family and size (Flax initialisation, ``nnx.Rngs(seed)``:
+    see ``vlmjax.models.vlm.init_params``) as an HF checkpoint directory with the processor files."""
+    from flax import nnx
 
-    model_class = Qwen2VLForConditionalGeneration if cfg.family == "qwen2_vl" else LlavaForConditionalGeneration
-    torch.manual_seed(cfg.seed)
-    model = model_class(hf_config(cfg, processor.tokenizer)).eval()
-    model.save_pretrained(str(out_dir))
+    from converters.hf import save_hf
+    from vlmjax import models
+    from vlmjax.models import vlm
+
+    config = hf_config(cfg, processor.tokenizer)
+    model_cfg = models.from_hf(config)
+    save_hf(vlm.init_params(model_cfg, nnx.Rngs(cfg.seed)), model_cfg, config, out_dir)
     if cfg.family == "qwen2_vl":
         from vlmjax.processors import save_qwen2_vl_processor as save_processor
 
@@ -385,25 +385,10 @@ def model_batch(batch: dict) -> dict:
 
 
 def training_forward(model, params, batch: dict, logits: str | None) -> dict:
-    """``model.forward`` on a training batch. For Qwen2-VL the vision tower runs image by image under ``vmap``
-    (every training image has the same grid): the same numbers as the packed block-diagonal attention of
-    ``qwen2_vl.image_features``, without its cost quadratic in the batch's total patch count."""
-    inputs = model_batch(batch)
-    if model.module is not qwen2_vl:
-        return model.forward(params, inputs, logits=logits)
-    n_images = batch["patch_labels"].shape[0]
-    per_image = lambda x: x.reshape(n_images, -1, *x.shape[1:])
-
-    def add_images(params, batch, cfg, x, hooks, run_global):
-        one_image = lambda pixels, positions: qwen2_vl.image_features(
-            params, {"pixel_values": pixels, "vision_segment_ids": jnp.zeros(pixels.shape[0], jnp.int32),
-                     "vision_positions": positions}, cfg, hooks, run_global)[0]
-        features = jax.vmap(one_image)(per_image(batch["pixel_values"]), per_image(batch["vision_positions"]))
-        features = features.reshape(1, -1, features.shape[-1])
-        return merge_image_features(x, batch["input_ids"], features, cfg.image_token_id), features
-
-    return llava.language_forward(params, inputs, model.config, None, add_images, rotary=qwen2_vl.rotary_mrope,
-                                  logits=logits)
+    """``model.forward`` on a training batch, whose images all have the same size: for Qwen2-VL the vision tower
+    then runs image by image under ``vmap`` (the skeleton's ``equal_images``), the same numbers as the packed
+    block-diagonal attention without its cost quadratic in the batch's total patch count."""
+    return model.forward(params, model_batch(batch), logits=logits, equal_images=batch["patch_labels"].shape[0])
 
 
 def training_loss(model, params, batch, grounding_weight: float) -> tuple[jax.Array, dict]:

@@ -1,11 +1,16 @@
-"""Model families. Each family module exposes the same functions, so the API, converter and CLI are generic:
+"""Model families on one skeleton (`vlm.py`: the forward, the decode step and the functional API every family
+shares). Each family file provides only what differs, under the same names, so the API, converter and CLI are
+generic:
 
+- `Model`: its Flax NNX top-level module (a `vlm.VisionLanguageModel`: vision tower, projector, merge and rotary)
 - `config_from_hf(hf_config)` -> frozen config dataclass (hashable: a static jit argument)
-- `param_shapes(cfg)` -> nested dict of shapes (the pytree the converter fills and checks)
 - `KEY_ROWS` -> HF key table (see converters/keymaps.py) and `conv_kernel_shape(cfg)` -> HF shape of its patch conv
 - `prepare_batch(cfg, inputs, dtype)` -> (batch of numpy arrays, VisualTokens): checks processor outputs
-- `forward(params, batch, cfg, hooks, *, output_hidden_states, output_attentions, logits)` -> dict
-- `num_layers(cfg)` -> {"blocks": L, "vision.blocks": Lv}
+- `decode_start(batch)` -> (prefill batch, first decode positions): HF's generation positions
+- `num_layers(cfg)` -> {"blocks": L, "vision.blocks": Lv}; optionally `check_dtype(cfg, dtype)`
+
+Shared building blocks: `layers.py` (parameter modules, attention with sites, rotary, the layer scan),
+`decoder.py` (the Llama-family decoder), `clip.py` (the CLIP vision tower).
 """
 
 from __future__ import annotations

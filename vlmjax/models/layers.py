@@ -1,4 +1,7 @@
-"""Primitives shared by every model file: norms, activations, rotary embeddings, masks and attention with sites.
+"""Primitives shared by every model file: the parameter-holding Flax modules (`Linear`, `RMSNorm`, `LayerNorm`; with
+`layers=(L,)` their parameters carry a leading layer axis, for a block module that holds every layer), `scan_stack`
+(runs such a block under the hooks' layer scan), activations, rotary embeddings, masks, attention with sites, and
+`key_rows` (HF key-table rows of those modules).
 
 Numerics follow the HF PyTorch reference exactly where it matters for fp32 parity: RMSNorm in fp32 then cast before
 the weight, softmax in fp32 then cast to the compute dtype, masks added as finfo.min (never -inf), rotary tables in
@@ -12,17 +15,74 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from vlmjax.config import RopeConfig
 from vlmjax.errors import VlmJaxError
+from vlmjax.hooks import scan_layers
+
+INIT_STD = 0.02  # HF's initializer_range: normal(0, 0.02) matrices and embeddings, zero biases, unit norm scales
 
 
-def linear(p: dict, x: jax.Array) -> jax.Array:
-    """x @ kernel (+ bias); kernel is [in, out]."""
-    y = x @ p["kernel"]
-    if "bias" in p:
-        y = y + p["bias"]
-    return y
+def weight(rngs: nnx.Rngs, *shape: int) -> nnx.Param:
+    """A matrix or embedding parameter, initialised normal(0, INIT_STD)."""
+    return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32))
+
+
+def constant(value: float, *shape: int) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, jnp.float32))
+
+
+class Linear(nnx.Module):
+    """x @ kernel (+ bias): kernel [*layers, in, out], bias [*layers, out] (`layers` = (L,) in a stacked block)."""
+
+    def __init__(self, n_in: int, n_out: int, *, bias: bool = True, layers: tuple[int, ...] = (), rngs: nnx.Rngs):
+        self.kernel = weight(rngs, *layers, n_in, n_out)
+        self.bias = constant(0.0, *layers, n_out) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, layers: tuple[int, ...] = ()):
+        self.scale, self.eps = constant(1.0, *layers, dim), eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm({"scale": self.scale[...]}, x, self.eps)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, layers: tuple[int, ...] = ()):
+        self.scale, self.bias, self.eps = constant(1.0, *layers, dim), constant(0.0, *layers, dim), eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def vit_block_end(x, z, out_proj: Linear, norm2: LayerNorm, fc1: Linear, fc2: Linear, act: str, run) -> jax.Array:
+    """A pre-norm ViT block after attention (CLIP and Qwen2-VL's towers): the attention update (z [B, N, H, hd]
+    projected), then the MLP update, with their sites."""
+    b, n = x.shape[:2]
+    x = run("resid_mid", x + run("attn.out", out_proj(z.reshape(b, n, -1))))
+    h = run("mlp.hidden", activation(act)(fc1(norm2(x))))
+    return run("resid_post", x + run("mlp.out", fc2(h)))
+
+
+def scan_stack(blocks: nnx.Module, call, x, hooks, ctx, start: int, stop: int):
+    """Layers [start, stop) of a stacked block module under the hooks' layer scan: (x, records stacked per layer).
+
+    `blocks` holds every layer's parameters with a leading [L] axis. Its state is split off once and sliced by the
+    scan; each step merges one layer's slice back into the module (`nnx.merge`) and runs `call(layer, x, run)`,
+    so the compiled program holds one block whatever the depth."""
+    graph, state = nnx.split(blocks)
+    return scan_layers(lambda p, h, run: call(nnx.merge(graph, p), h, run), state, x, hooks, ctx, start, stop)
 
 
 def rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
@@ -30,15 +90,6 @@ def rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
     return p["scale"] * h.astype(dtype)
-
-
-def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
-    dtype = x.dtype
-    h = x.astype(jnp.float32)
-    mean = jnp.mean(h, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(var + eps)
-    return (h * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
 
 
 def _quick_gelu(x):
@@ -132,3 +183,14 @@ def attention(q, k, v, mask_add, site, scale: float):
     pattern = site("attn.pattern", pattern)
     z = jnp.einsum("bhqk,bkhd->bqhd", pattern, v)
     return site("attn.z", z)
+
+
+def key_rows(hf_prefix: str, ours_prefix: str, names, kind: str = "linear", biases: bool = True) -> tuple:
+    """HF key-table rows (see converters/keymaps.py) of `Linear`s (kind "linear": weight -> kernel, transposed) or
+    norms ("norm": weight -> scale), each `(hf name, our name)` in `names`, with their biases."""
+    ours = "kernel" if kind == "linear" else "scale"
+    return tuple(
+        (f"{hf_prefix}{hf}.{w}", f"{ours_prefix}{name}/{ours if w == 'weight' else 'bias'}",
+         kind if kind == "linear" and w == "weight" else "none")
+        for hf, name in names for w in (("weight", "bias") if biases else ("weight",))
+    )

@@ -6,11 +6,12 @@ then the crop mosaic (crop features tiled back into one grid, the rows or column
 padding removed), each mosaic row followed by the learned `image_newline` vector.
 
 The token layout depends on image sizes, so it is computed on the host by `prepare_batch` (`anyres_layout`) and
-reaches the jitted `forward` as index arrays; the forward is shape-static given the batch shapes. The batch holds
-input_ids [B, N], attention_mask [B, N], optionally position_ids [B, N], and with images pixel_values [P, C, S, S]
-(the real crops of all images in order, each image's base image first, the processor's padding crops dropped) and
-image_feature_index [B, N] (per image token, its row of the [P * S'^2 + 1, D] table of projected crop features
-followed by `image_newline`; S' = S / patch size).
+reaches the jitted forward (`LlavaNext` on the VLM skeleton, models/vlm.py) as index arrays; the forward is
+shape-static given the batch shapes. The batch holds input_ids [B, N], attention_mask [B, N], optionally
+position_ids [B, N], and with images pixel_values [P, C, S, S] (the real crops of all images in order, each
+image's base image first, the processor's padding crops dropped) and image_feature_index [B, N] (per image token,
+its row of the [P * S'^2 + 1, D] table of projected crop features followed by `image_newline`; S' = S / patch
+size).
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from converters.keymaps import LLAVA_NEXT_ROWS as KEY_ROWS
 from vlmjax.config import LlavaConfig, llava_from_hf
 from vlmjax.errors import VlmJaxError
 from vlmjax.inputs import text_batch
 from vlmjax.models import llava
-from vlmjax.models.llava import decode_start, step_rotary  # noqa: F401  (family interface: decoding)
+from vlmjax.models.layers import weight
+from vlmjax.models.llava import decode_start  # noqa: F401  (family interface: decoding)
 from vlmjax.visual import BASE, CROP, NEWLINE, ImageSpan, VisualTokens
 
 ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")
+KEY_ROWS = (*llava.KEY_ROWS, ("model.image_newline", "image_newline", "none"))
 conv_kernel_shape = llava.conv_kernel_shape
 num_layers = llava.num_layers
 
@@ -48,10 +51,6 @@ def config_from_hf(hf_config) -> LlavaNextConfig:
                           f"multiples of the vision tower's image_size {size}; fix them in config.json.")
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlavaConfig) if f.name != "model_type"}
     return LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints)
-
-
-def param_shapes(cfg: LlavaNextConfig) -> dict:
-    return {**llava.param_shapes(cfg), "image_newline": (cfg.text.hidden_size,)}
 
 
 # -- any-resolution geometry (host) ------------------------------------------------------------------------------
@@ -218,23 +217,22 @@ def prepare_batch(cfg: LlavaNextConfig, inputs: dict, dtype) -> tuple[dict, Visu
     return batch, meta
 
 
-# -- forward ------------------------------------------------------------------------------------------------------
+# -- model --------------------------------------------------------------------------------------------------------
 
 
-def merge_anyres_features(embeds, visual_mask, features, image_newline, feature_index):
-    """Write each image token's source (a crop feature or `image_newline`) over its embedding."""
-    d = embeds.shape[-1]
-    table = jnp.concatenate([features.reshape(-1, d), image_newline[None].astype(features.dtype)])
-    return jnp.where(visual_mask[..., None], table.astype(embeds.dtype)[feature_index], embeds)
+class LlavaNext(llava.Llava):
+    """LLaVA's modules plus the learned `image_newline` [D] that ends each mosaic row."""
+
+    def __init__(self, cfg: LlavaNextConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.image_newline = weight(rngs, cfg.text.hidden_size)
+
+    def merge_images(self, x, batch, features):
+        """Write each image token's source (a crop feature or `image_newline`) over its embedding."""
+        d = x.shape[-1]
+        table = jnp.concatenate([features.reshape(-1, d), self.image_newline[...][None].astype(features.dtype)])
+        visual_mask = batch["input_ids"] == self.cfg.image_token_id
+        return jnp.where(visual_mask[..., None], table.astype(x.dtype)[batch["image_feature_index"]], x)
 
 
-def add_anyres_features(params, batch, cfg: LlavaNextConfig, x, hooks, run_global):
-    """Base image and crops through the tower, newline rows added, gathered onto the image tokens."""
-    feats = llava.image_features(params, batch["pixel_values"], cfg, hooks, run_global)
-    visual_mask = batch["input_ids"] == cfg.image_token_id
-    return merge_anyres_features(x, visual_mask, feats, params["image_newline"], batch["image_feature_index"]), feats
-
-
-def forward(params, batch, cfg: LlavaNextConfig, hooks=None, **options) -> dict:
-    """Options as `llava.language_forward`."""
-    return llava.language_forward(params, batch, cfg, hooks, add_anyres_features, **options)
+Model = LlavaNext

@@ -1,7 +1,8 @@
 """Qwen2-VL: a ViT over native-resolution patches -> 2x2 patch merger -> features written over the image tokens ->
 Qwen2 decoder with multimodal rotary positions (M-RoPE).
 
-`forward(params, batch, cfg, hooks)` is pure and jittable. `prepare_batch` builds `batch` on the host from the
+`Qwen2VL` is the family's NNX module on the VLM skeleton (models/vlm.py; `vlm.forward(params, batch, cfg, hooks)`
+is pure and jittable). `prepare_batch` builds `batch` on the host from the
 processor outputs (input_ids, attention_mask, pixel_values [patches, C*T*p*p], image_grid_thw [images, 3],
 mm_token_type_ids):
 - input_ids, attention_mask [B, N];
@@ -33,21 +34,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters.keymaps import QWEN2_VL_ROWS as KEY_ROWS
+from flax import nnx
+
 from vlmjax.config import DecoderConfig, RopeConfig, decoder_from_hf
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Context, SiteRunner, scan_layers
+from vlmjax.hooks import Context, SiteRunner
 from vlmjax.inputs import text_batch
 from vlmjax.models import decoder
-from vlmjax.models.layers import (activation, additive_mask, apply_rope, attention, layer_norm, linear,
-                                  rope_inv_freq)
-from vlmjax.models import llava
-from vlmjax.models.llava import merge_image_features
+from vlmjax.models.decoder import Decoder
+from vlmjax.models.layers import (LayerNorm, Linear, activation, additive_mask, apply_rope, attention, key_rows,
+                                  rope_inv_freq, scan_stack, vit_block_end)
+from vlmjax.models.vlm import VisionLanguageModel
 from vlmjax.visual import PATCH, ImageSpan, VisualTokens
 
 ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 HF_MROPE_SECTION = (16, 24, 24)  # HF's default when the config names none
 VISION_LAYER_NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
+_QV = "model.visual."
+KEY_ROWS = (
+    (_QV + "patch_embed.proj.weight", "vision/patch_embed/kernel", "conv"),  # Conv3d [D, C, T, p, p]
+    *key_rows(_QV + "blocks.{i}.", "vision/layers/", (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"),
+                                                      ("mlp.fc2", "fc2"))),
+    *key_rows(_QV + "blocks.{i}.", "vision/layers/", (("norm1", "norm1"), ("norm2", "norm2")), "norm"),
+    *key_rows(_QV + "merger.", "merger/", (("ln_q", "norm"),), "norm"),
+    *key_rows(_QV + "merger.", "merger/", (("mlp.0", "fc1"), ("mlp.2", "fc2"))),
+    *decoder.KEY_ROWS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,23 +130,6 @@ def num_layers(cfg: Qwen2VLConfig) -> dict[str, int]:
 def conv_kernel_shape(cfg: Qwen2VLConfig) -> tuple[int, ...]:
     v = cfg.vision
     return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-
-
-def param_shapes(cfg: Qwen2VLConfig) -> dict:
-    v = cfg.vision
-    d, L, merged = v.embed_dim, v.num_layers, v.embed_dim * v.spatial_merge_size**2
-    lin = lambda n_in, n_out: {"kernel": (L, n_in, n_out), "bias": (L, n_out)}
-    norm = lambda *lead: {"scale": (*lead, d), "bias": (*lead, d)}
-    return {
-        "vision": {
-            "patch_embed": {"kernel": (v.patch_dim, d)},
-            "layers": {"norm1": norm(L), "qkv": lin(d, 3 * d), "proj": lin(d, d), "norm2": norm(L),
-                       "fc1": lin(d, v.intermediate_size), "fc2": lin(v.intermediate_size, d)},
-        },
-        "merger": {"norm": norm(), "fc1": {"kernel": (merged, merged), "bias": (merged,)},
-                   "fc2": {"kernel": (merged, v.out_hidden_size), "bias": (v.out_hidden_size,)}},
-        "text": decoder.param_shapes(cfg.text),
-    }
 
 
 def check_dtype(cfg: Qwen2VLConfig, dtype) -> None:
@@ -307,43 +302,63 @@ def vision_rope_tables(cfg: Qwen2VLVisionConfig, patch_positions: jax.Array) -> 
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def vision_block(cfg: Qwen2VLVisionConfig, p: dict, x: jax.Array, run: SiteRunner, cos, sin, mask_add):
-    b, n, d = x.shape
-    heads, hd = cfg.num_heads, d // cfg.num_heads
-    x = run("resid_pre", x)
-    h = run("attn.input", layer_norm(p["norm1"], x, VISION_LAYER_NORM_EPS))
-    qkv = linear(p["qkv"], h).reshape(b, n, 3, heads, hd)
-    q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
-    q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)  # rotary in fp32, as HF's vision rotary
-    k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-    z = attention(q, k, v, mask_add, run, hd**-0.5)
-    x = x + run("attn.out", linear(p["proj"], z.reshape(b, n, d)))
-    x = run("resid_mid", x)
-    h = layer_norm(p["norm2"], x, VISION_LAYER_NORM_EPS)
-    h = run("mlp.hidden", activation(cfg.hidden_act)(linear(p["fc1"], h)))
-    x = x + run("mlp.out", linear(p["fc2"], h))
-    return run("resid_post", x)
+class VisionBlock(nnx.Module):
+    """All vision layers, parameters stacked [L, ...] (fused qkv); called on one layer's slice."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
+        d, L = cfg.embed_dim, (cfg.num_layers,)
+        self.cfg = cfg
+        self.norm1 = LayerNorm(d, VISION_LAYER_NORM_EPS, layers=L)
+        self.qkv = Linear(d, 3 * d, layers=L, rngs=rngs)
+        self.proj = Linear(d, d, layers=L, rngs=rngs)
+        self.norm2 = LayerNorm(d, VISION_LAYER_NORM_EPS, layers=L)
+        self.fc1 = Linear(d, cfg.intermediate_size, layers=L, rngs=rngs)
+        self.fc2 = Linear(cfg.intermediate_size, d, layers=L, rngs=rngs)
+
+    def __call__(self, x: jax.Array, run: SiteRunner, cos, sin, mask_add) -> jax.Array:
+        b, n, d = x.shape
+        heads = self.cfg.num_heads
+        x = run("resid_pre", x)
+        h = run("attn.input", self.norm1(x))
+        qkv = self.qkv(h).reshape(b, n, 3, heads, d // heads)
+        q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
+        q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)  # rotary in fp32, as HF's vision rotary
+        k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+        z = attention(q, k, v, mask_add, run, (d // heads) ** -0.5)
+        return vit_block_end(x, z, self.proj, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
 
 
-def image_features(params, batch, cfg: Qwen2VLConfig, hooks, run_global) -> jax.Array:
-    """[1, P' / merge**2, D]: the vision tower on the packed patches, then the patch merger."""
-    vc = cfg.vision
-    dtype = params["vision"]["patch_embed"]["kernel"].dtype
-    segments = batch["vision_segment_ids"]
-    x = (batch["pixel_values"].astype(dtype) @ params["vision"]["patch_embed"]["kernel"])[None]
-    x = run_global("vision.embed", x)
-    cos, sin = vision_rope_tables(vc, batch["vision_positions"])
-    mask_add = additive_mask((segments[:, None] == segments[None, :])[None, None], dtype)
-    ctx = Context(stack="vision.blocks", key_padding=(segments >= 0)[None])
-    x, records = scan_layers(lambda p, h, r: vision_block(vc, p, h, r, cos, sin, mask_add),
-                             params["vision"]["layers"], x, hooks, ctx, 0, vc.num_layers)
-    for name, r in records.items():
-        run_global.records.setdefault(name, {}).update(r)
-    x = run_global("vision.features", x)
-    m = params["merger"]
-    h = layer_norm(m["norm"], x, VISION_LAYER_NORM_EPS).reshape(1, -1, m["fc1"]["kernel"].shape[0])
-    h = activation("gelu")(linear(m["fc1"], h))
-    return run_global("projector.out", linear(m["fc2"], h))
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.patch_embed = Linear(cfg.patch_dim, cfg.embed_dim, bias=False, rngs=rngs)
+        self.layers = VisionBlock(cfg, rngs=rngs)
+
+    def __call__(self, pixel_values, segments, patch_positions, hooks, site: SiteRunner) -> jax.Array:
+        """[1, P', Dv]: the packed patches through the tower, each image frame attending to its own patches."""
+        dtype = self.patch_embed.kernel[...].dtype
+        x = site("vision.embed", self.patch_embed(pixel_values.astype(dtype))[None])
+        cos, sin = vision_rope_tables(self.cfg, patch_positions)
+        mask_add = additive_mask((segments[:, None] == segments[None, :])[None, None], dtype)
+        ctx = Context(stack="vision.blocks", key_padding=(segments >= 0)[None])
+        x, records = scan_stack(self.layers, lambda layer, h, run: layer(h, run, cos, sin, mask_add), x, hooks, ctx,
+                                0, self.cfg.num_layers)
+        site.add_records(records)
+        return x
+
+
+class PatchMerger(nnx.Module):
+    """Each spatial_merge_size**2 neighbouring patches, normed and concatenated, through a 2-layer MLP."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
+        merged = cfg.embed_dim * cfg.spatial_merge_size**2
+        self.norm = LayerNorm(cfg.embed_dim, VISION_LAYER_NORM_EPS)
+        self.fc1 = Linear(merged, merged, rngs=rngs)
+        self.fc2 = Linear(merged, cfg.out_hidden_size, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.norm(x).reshape(x.shape[0], -1, self.fc1.kernel[...].shape[0])
+        return self.fc2(activation("gelu")(self.fc1(h)))
 
 
 # -- decoder -------------------------------------------------------------------------------------------------------
@@ -359,12 +374,6 @@ def mrope_tables(rope: RopeConfig, head_dim: int, positions: jax.Array, dtype) -
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def step_rotary(cfg: Qwen2VLConfig, positions, dtype):
-    """Rotary tables for one decode step: after the prompt, the three M-RoPE axes advance together."""
-    return mrope_tables(cfg.text.rope, cfg.text.head_dim, jnp.broadcast_to(positions[None, :, None],
-                                                                           (3, positions.shape[0], 1)), dtype)
-
-
 def decode_start(batch: dict) -> tuple[dict, np.ndarray]:
     """(prefill batch, first decode position [B]): the prompt keeps its rope-index positions; the k-th new token
     of a sample is at (its real tokens before it) + rope_deltas, as HF decodes, i.e. max prompt position + 1 + k."""
@@ -372,17 +381,46 @@ def decode_start(batch: dict) -> tuple[dict, np.ndarray]:
     return batch, (real + batch["rope_deltas"][:, 0]).astype(np.int32)
 
 
-def add_image_features(params, batch, cfg: Qwen2VLConfig, x, hooks, run_global):
-    feats = image_features(params, batch, cfg, hooks, run_global)
-    return merge_image_features(x, batch["input_ids"], feats, cfg.image_token_id), feats
+# -- model ---------------------------------------------------------------------------------------------------------
 
 
-def rotary_mrope(cfg: Qwen2VLConfig, batch, dtype):
-    return mrope_tables(cfg.text.rope, cfg.text.head_dim, batch["position_ids"], dtype)
+class Qwen2VL(VisionLanguageModel):
+    def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision, rngs=rngs)
+        self.merger = PatchMerger(cfg.vision, rngs=rngs)
+        self.text = Decoder(cfg.text, rngs=rngs)
+
+    def image_features(self, batch, hooks, site, equal_images=None) -> jax.Array:
+        """[1, P' / merge**2, D]: the vision tower on the packed patches, then the patch merger. With
+        `equal_images` = n, the patches are n same-grid images run one by one under `vmap` (the same numbers as
+        the block-diagonal packed attention, at a cost linear in n); vision records then stack over images."""
+        pixels, positions = batch["pixel_values"], batch["vision_positions"]
+        if equal_images is None:
+            x = self.vision(pixels, batch["vision_segment_ids"], positions, hooks, site)
+            return site("projector.out", self.merger(site("vision.features", x)))
+
+        def one_image(pixels, positions):
+            runner = SiteRunner(hooks, site.ctx)
+            x = self.vision(pixels, jnp.zeros(pixels.shape[0], jnp.int32), positions, hooks, runner)
+            return runner("projector.out", self.merger(runner("vision.features", x)))[0], runner.records
+
+        per_image = lambda a: a.reshape(equal_images, -1, *a.shape[1:])
+        features, records = jax.vmap(one_image)(per_image(pixels), per_image(positions))
+        site.add_records(records)
+        return features.reshape(1, -1, features.shape[-1])
+
+    def rotary(self, batch, dtype):
+        return mrope_tables(self.cfg.text.rope, self.cfg.text.head_dim, batch["position_ids"], dtype)
+
+    def step_rotary(self, positions, dtype):
+        """After the prompt, the three M-RoPE axes advance together."""
+        positions = jnp.broadcast_to(positions[None, :, None], (3, positions.shape[0], 1))
+        return mrope_tables(self.cfg.text.rope, self.cfg.text.head_dim, positions, dtype)
+
+    def __call__(self, batch, hooks=None, **options) -> dict:
+        """The skeleton's forward; the output also holds the `rope_deltas` decoding needs."""
+        return {**super().__call__(batch, hooks, **options), "rope_deltas": batch["rope_deltas"]}
 
 
-def forward(params, batch, cfg: Qwen2VLConfig, hooks=None, **options) -> dict:
-    """Options as `llava.language_forward`; the output also holds the `rope_deltas` decoding needs."""
-    out = llava.language_forward(params, batch, cfg, hooks, add_image_features, rotary=rotary_mrope, **options)
-    out["rope_deltas"] = batch["rope_deltas"]
-    return out
+Model = Qwen2VL
