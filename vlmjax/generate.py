@@ -22,7 +22,7 @@ from vlmjax.api import ordered
 from vlmjax.checks import check_hooks
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Hook
-from vlmjax.models import vlm
+from vlmjax.models import decoder, vlm
 
 _PREFILL = "_kv_prefill"
 _CACHE = "_kv_cache"
@@ -90,8 +90,9 @@ def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_toke
             half = logits.shape[0] // 2
             return contrastive_logits(logits[:half], logits[half:], alpha, beta), None
         if dola_layers:
+            text = params["text"]
             contrast, premature = dola.dola_scores(logits, records[_DOLA]["resid_post"], text["final_norm"]["scale"],
-                                                   decoder.unembed_matrix(text), text_cfg.rms_norm_eps)
+                                                   decoder.unembed_matrix(text), cfg.text.rms_norm_eps)
             return contrast, jnp.asarray(dola_layers, jnp.int32)[premature]
         return logits, None
 
