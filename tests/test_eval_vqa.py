@@ -1,6 +1,5 @@
 """VQA accuracy with the official normalisation (hand-worked values) and open-ended shapes-world scoring."""
 
-import json
 
 import numpy as np
 import pytest
