@@ -178,6 +178,21 @@ def check_layers(config: dict, num_layers: int) -> None:
 # Scoring
 
 
+class NonFiniteLogits(VlmJaxError):
+    """A batch's scored logits hold NaN or inf (`run_phase` then locates the first site with `locate_nonfinite`)."""
+
+
+def locate_nonfinite(model, inputs: dict, ids) -> None:
+    """Raise naming the first site, layer and sample where the plain forward of the batch stops being finite
+    (`model(..., check_finite=True)`), or, if it is finite, that the study's intervention made the logits overflow."""
+    try:
+        model(**inputs, logits="last", check_finite=True)
+    except VlmJaxError as error:
+        raise VlmJaxError(f"{error} (questions {ids})") from None
+    raise VlmJaxError(f"The logits under this study's intervention are not finite (questions {ids}), though the plain "
+                      "forward's are: the intervention's settings make them overflow.")
+
+
 class AnswerScorer:
     """First-token answer scoring (methods §6) for a study set: yes/no questions by `p_yes = P(yes) / (P(yes) +
     P(no))` and the shared decision rule (`vlmjax.eval.pope.first_token_correct`); the other families by the
@@ -198,8 +213,7 @@ class AnswerScorer:
         """`logits` [..., B, V] (last position) for the batch's questions -> arrays [..., B]."""
         logits = np.asarray(logits, np.float64)
         if not np.isfinite(logits).all():
-            raise VlmJaxError("The model's logits are not finite (NaN or inf) for this batch. Run model(**inputs, "
-                              "check_finite=True) on it to find the first site, layer and sample where they stop.")
+            raise NonFiniteLogits("The model's logits are not finite (NaN or inf) for this batch.")
         p_answer, correct, p_yes = (np.full(logits.shape[:-1], np.nan) for _ in range(3))
         for b, q in enumerate(questions):
             row = logits[..., b, :]
@@ -240,7 +254,7 @@ def accuracy_by_group(records: Sequence[dict], correct: np.ndarray, questions: d
 # Resumable phases
 
 
-def run_phase(path: Path, processor, questions: Sequence[StudyQuestion], batch_size: int, desc: str,
+def run_phase(model, path: Path, processor, questions: Sequence[StudyQuestion], batch_size: int, desc: str,
               compute: Callable[[list, dict, int], list[dict]], repeats: int = 1) -> list[dict]:
     """Run `compute(questions of the batch, processor outputs, repeat) -> one dict per question of the batch` over
     the pending questions of `path` (a JSONL file a killed run resumes), in fixed-shape batches (the rows past the
@@ -254,7 +268,11 @@ def run_phase(path: Path, processor, questions: Sequence[StudyQuestion], batch_s
             todo = {q.question_id for q in questions if (f"{q.question_id}/{repeat}" if repeats > 1
                                                          else q.question_id) in pending}
             for chunk, real, inputs in padded_batches(processor, questions, batch_size, pending=todo):
-                for q, row in zip(chunk[:real], compute(chunk, inputs, repeat)):
+                try:
+                    rows = compute(chunk, inputs, repeat)
+                except NonFiniteLogits:
+                    locate_nonfinite(model, inputs, [q.question_id for q in chunk[:real]])
+                for q, row in zip(chunk[:real], rows):
                     writer.write({"id": f"{q.question_id}/{repeat}" if repeats > 1 else q.question_id, **row})
                 bar.update(real)
         bar.close()

@@ -44,7 +44,7 @@ def run(config: dict) -> dict:
         scores = scorer(logits, chunk)
         return [score_rows(scores, i) for i in range(len(chunk))]
 
-    masked = run_phase(out / "records_masking.jsonl", processor, questions, config["batch_size"], "layer-wise masking",
+    masked = run_phase(model, out / "records_masking.jsonl", processor, questions, config["batch_size"], "layer-wise masking",
                        mask_layers)
     correct = np.array([r["correct"] for r in masked])  # [Q, 1 + L]
     tests = [mcnemar(correct[:, 0], correct[:, 1 + layer]) for layer in range(num_layers)]
@@ -66,7 +66,7 @@ def run(config: dict) -> dict:
             scores = scorer(np.asarray(refined_fn(model.params, batch, jnp.asarray(suppress))), chunk)
             return [{"pre_integrated_layer": int(chosen[i]), **score_rows(scores, i)} for i in range(len(chunk))]
 
-        refined = run_phase(out / "records_refined.jsonl", processor, questions, config["batch_size"],
+        refined = run_phase(model, out / "records_refined.jsonl", processor, questions, config["batch_size"],
                             "contrastive refinement", refine)
     by_id = {q.question_id: q for q in questions}
     summary = {

@@ -71,7 +71,7 @@ def run(config: dict) -> dict:
                  "collapse_cosine": measured["collapse"]["resid_post"][:, i].tolist(),
                  "by_bias": score_rows(scores, i)} for i in range(len(chunk))]
 
-    records = run_phase(out / "records.jsonl", processor, questions, config["batch_size"], "neglect zone", measure)
+    records = run_phase(model, out / "records.jsonl", processor, questions, config["batch_size"], "neglect zone", measure)
     yes_id = answer_token_ids(processor.tokenizer, "yes")[0]
     gradient_set = [q for q in questions if q.yes_no][: config["gradient_questions"]]
 
@@ -79,7 +79,7 @@ def run(config: dict) -> dict:
         importance = np.asarray(probes.visual_gradient_importance(model, inputs, [yes_id] * len(chunk)))
         return [{"gradient_importance": importance[:, i].tolist()} for i in range(len(chunk))]
 
-    grads = run_phase(out / "records_gradient.jsonl", processor, gradient_set, config["batch_size"],
+    grads = run_phase(model, out / "records_gradient.jsonl", processor, gradient_set, config["batch_size"],
                       "gradient importance", gradients) if gradient_set else []
     summary = summarise(records, grads, questions, biases, zone, config)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -108,7 +108,7 @@ def run(config: dict) -> dict:
                  "spatial_entropy": stats["spatial_entropy"][:, i].tolist(),
                  "clusters": stats["clusters"][:, i].tolist()} for i in range(len(chunk))]
 
-    done = run_phase(out / "records.jsonl", processor, questions, config["batch_size"], "probing", measure)
+    done = run_phase(model, out / "records.jsonl", processor, questions, config["batch_size"], "probing", measure)
     correct = np.array([r["correct"] for r in done])
     hidden = np.array([r["hidden"] for r in done])  # [Q, L, D]
     probes = [probe_layer(hidden[:, layer], correct, config) for layer in range(num_layers)]
@@ -129,7 +129,7 @@ def run(config: dict) -> dict:
         scores = scorer(np.asarray(ablate(model.params, model.prepare(inputs)[0], keeps)["logits"])[:, :, -1], chunk)
         return [score_rows(scores, i) for i in range(len(chunk))]
 
-    ablated = np.array([r["correct"] for r in run_phase(out / "records_ablation.jsonl", processor, questions,
+    ablated = np.array([r["correct"] for r in run_phase(model, out / "records_ablation.jsonl", processor, questions,
                                                         config["batch_size"], "neuron ablation", ablation)])
     summary = summarise(done, correct, probes, best, top, ablated, map_layer, questions, config)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -75,7 +75,7 @@ def run(config: dict) -> dict:
             return rows
 
         repeats = 1 if name == "plain" else config["noise_repeats"]
-        conditions[name] = run_phase(out / f"records_{name}.jsonl", processor, questions, config["batch_size"], name,
+        conditions[name] = run_phase(model, out / f"records_{name}.jsonl", processor, questions, config["batch_size"], name,
                                      measure, repeats=repeats)
     summary = summarise(conditions, len(questions), config)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -104,7 +104,7 @@ def run(config: dict) -> dict:
         return [{"image_weight": stats["image_weight"][:, i].tolist(),
                  "concentration": stats["concentration"][:, i].tolist()} for i in range(len(chunk))]
 
-    heads = run_phase(out / "records_heads.jsonl", processor, questions, config["batch_size"], "head statistics",
+    heads = run_phase(model, out / "records_heads.jsonl", processor, questions, config["batch_size"], "head statistics",
                       measure_heads)
     record = {key: jnp.asarray(np.stack([r[key] for r in heads], axis=1)) for key in ("image_weight", "concentration")}
     scores = np.asarray(head_detection_scores(record))  # [L, H]
@@ -118,7 +118,7 @@ def run(config: dict) -> dict:
         scores_k = scorer(logits, chunk)
         return [score_rows(scores_k, i) for i in range(len(chunk))]
 
-    masked = run_phase(out / "records_masking.jsonl", processor, questions, config["batch_size"], "head masking",
+    masked = run_phase(model, out / "records_masking.jsonl", processor, questions, config["batch_size"], "head masking",
                        mask_heads)
     correct = np.array([r["correct"] for r in masked])  # [Q, K]
     by_id = {q.question_id: q for q in questions}

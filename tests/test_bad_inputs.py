@@ -478,3 +478,35 @@ def test_a_study_rerun_with_another_bias_is_refused(root, tmp_path, capsys):
                      err), err
     status, err = _study(neglect_zone, tmp_path, capsys, config, "--model", str(root / "other"))
     assert status == 2 and "different model" in err
+
+
+def test_a_study_phase_names_where_its_logits_stop_being_finite(root, tmp_path):
+    """The studies score logits through AnswerScorer; non-finite ones make run_phase locate the first site of the
+    plain forward (here a NaN weight of layer 2), or say that the study's intervention made them overflow."""
+    import copy
+
+    from experiments import common
+
+    model = vlmjax.load(root / "model", progress=False)
+    processor = load_processor(model.path)
+    processor.tokenizer.padding_side = "left"
+    questions = common.read_study_set(root / "data", {"pope_test_random": 2}, 0)
+    scorer = common.AnswerScorer(processor.tokenizer, questions)
+
+    def phase(net, path, overflow=False):
+        def compute(chunk, inputs, repeat):
+            logits = np.asarray(net(**inputs, logits="last").logits[:, -1])
+            scores = scorer(logits * np.inf if overflow else logits, chunk)
+            return [common.score_rows(scores, i) for i in range(len(chunk))]
+
+        return common.run_phase(net, path, processor, questions, 2, "phase", compute)
+
+    broken = copy.copy(model)
+    broken.params = {**model.params, "text": {**model.params["text"], "layers": {
+        **model.params["text"]["layers"], "q": {**model.params["text"]["layers"]["q"],
+                                                "kernel": model.params["text"]["layers"]["q"]["kernel"].at[2].set(np.nan)}}}}
+    with pytest.raises(VlmJaxError, match=r"blocks\.2\.attn\.q .*questions \["):
+        phase(broken, tmp_path / "broken.jsonl")
+    with pytest.raises(VlmJaxError, match=r"under this study's intervention are not finite \(questions \[.*overflow"):
+        phase(model, tmp_path / "overflow.jsonl", overflow=True)
+    assert len(phase(model, tmp_path / "clean.jsonl")) == len(questions)
