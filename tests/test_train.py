@@ -114,7 +114,7 @@ def test_run_saves_an_hf_directory_with_a_report(tmp_path):
 
 def test_command_line_overrides_the_preset(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(train, "run", lambda cfg, out: seen.update(cfg=cfg, out=out) or {})
+    monkeypatch.setattr(train.command, "run", lambda cfg, out: seen.update(cfg=cfg, out=out) or {})
     train.main(["--preset", "qwen2-vl-shapes", "--out", str(tmp_path), "--steps", "7", "--tasks", "pope"])
     assert seen["cfg"] == dataclasses.replace(train.PRESETS["qwen2-vl-shapes"], steps=7, tasks=("pope",))
     train.main(["--preset", "qwen2-vl-shapes", "--out", str(tmp_path), "--balance-answers"])

@@ -1,0 +1,5 @@
+"""``python -m vlmjax.train``."""
+
+from vlmjax.train.command import main
+
+main()
