@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from vlmjax.data import shapes
-from vlmjax.eval.pope import pope_metrics, yes_probability
+from vlmjax.eval.pope import first_token_correct, pope_metrics, says_yes, yes_probability
 from vlmjax.eval.run import answer_token_ids
 from vlmjax.inputs import image_placeholder
 from vlmjax.train.data import answer_weights, conversations, encode, shapes_questions
@@ -27,7 +27,7 @@ from vlmjax.train.presets import PROMPT, TrainConfig, build_processor, init_hf_m
 def evaluate_yes_no(model, processor, images: dict[str, Image.Image], questions: Sequence[shapes.Sample],
                     black_images: bool = False, batch_size: int = 64) -> dict:
     """First-token POPE scoring: p_yes from the yes/no logits after ``ASSISTANT:``; ``pope_metrics`` of the
-    decisions (p_yes >= 0.5) plus ``p_yes``. With ``black_images`` every image is replaced by a black one."""
+    decisions (``says_yes``) plus ``p_yes``. With ``black_images`` every image is replaced by a black one."""
     processor.tokenizer.padding_side = "left"
     yes_ids, no_ids = (answer_token_ids(processor.tokenizer, word) for word in ("yes", "no"))
     p_yes = []
@@ -39,7 +39,7 @@ def evaluate_yes_no(model, processor, images: dict[str, Image.Image], questions:
                            return_tensors="np", padding="longest")
         logits = model(**inputs, logits="last").logits[:, -1]
         p_yes.extend(yes_probability(np.asarray(logits), yes_ids, no_ids).tolist())
-    metrics = pope_metrics(["yes" if p >= 0.5 else "no" for p in p_yes], [q.answer for q in questions])
+    metrics = pope_metrics(["yes" if yes else "no" for yes in says_yes(p_yes)], [q.answer for q in questions])
     return {**metrics, "p_yes": p_yes}
 
 
@@ -89,9 +89,9 @@ def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
     trained = vlmjax.load(out_dir, progress=False)
     real = evaluate_yes_no(trained, processor, images, test_questions)
     black = evaluate_yes_no(trained, processor, images, test_questions, black_images=True)
-    by_split = lambda result: {split: float(np.mean([(p >= 0.5) == (q.answer == "yes")
-                                                     for p, q in zip(result["p_yes"], test_questions)
-                                                     if q.split == split])) for split in shapes.POPE_SPLITS}
+    answers, splits = [q.answer for q in test_questions], np.array([q.split for q in test_questions])
+    by_split = lambda result: {split: float(first_token_correct(result["p_yes"], answers)[splits == split].mean())
+                               for split in shapes.POPE_SPLITS}
     report = {"config": dataclasses.asdict(cfg), "parameters": parameter_count(params),
               "train_questions": len(train_questions), "train_images": len(data["pixel_values"]),
               "test_questions": len(test_questions), "train_seconds": round(train_seconds, 1),
