@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
-from converters.keymaps import KeyMap, is_ignored
+from converters.keymaps import KeyMap
 from vlmjax import models
 from vlmjax.errors import VlmJaxError
 from vlmjax.models import vlm
@@ -143,80 +142,12 @@ class _open_safetensors:
                            "checkpoint's source, or re-save the model with save_pretrained.")
 
 
-def _to_ours(array: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "linear":
-        return array.T
-    if transform == "conv":
-        return array.reshape(array.shape[0], -1).T
-    return array
-
-
 def _to_hf(array: np.ndarray, transform: str, hf_shape=None) -> np.ndarray:
     if transform == "linear":
         return array.T
     if transform == "conv":
         return array.T.reshape(hf_shape)
     return array
-
-
-def load_params(path: str | os.PathLike, cfg, dtype=jnp.float32, progress: bool = True) -> dict:
-    """Read an HF checkpoint directory into the vlmjax pytree (numpy arrays of `dtype`)."""
-    path = Path(path)
-    keymap = KeyMap(model_module(cfg).KEY_ROWS)
-    shapes = expected_shapes(cfg)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    out = {p: np.zeros(s, np_dtype) for p, s in shapes.items()}
-    filled = {p: np.zeros(s[0] if _stacked(p) else 1, bool) for p, s in shapes.items()}
-    files = _weight_files(path)
-    unexpected, tied_head = [], "text/lm_head/kernel" not in shapes
-    by_file: dict[Path, list[str]] = {}
-    for k, f in files.items():
-        by_file.setdefault(f, []).append(k)
-    bar = tqdm(total=len(files), desc="reading tensors", unit="tensor", disable=not progress)
-    for f, keys in by_file.items():
-        with _open_safetensors(f) as sf:
-            for key in keys:
-                bar.update(1)
-                if is_ignored(key):
-                    continue
-                found = keymap.lookup(key)
-                if found is None:
-                    unexpected.append(key)
-                    continue
-                p, layer, transform = found
-                if p == "text/lm_head/kernel" and tied_head:
-                    continue  # tied to the embeddings: HF may still store a copy
-                if p not in shapes:
-                    unexpected.append(key)
-                    continue
-                value = _to_ours(np.asarray(sf.get_tensor(key)), transform)
-                want = shapes[p][1:] if layer is not None else shapes[p]
-                if layer is not None and layer >= shapes[p][0]:
-                    unexpected.append(key)
-                    continue
-                if tuple(value.shape) != tuple(want):
-                    raise VlmJaxError(
-                        f"Shape mismatch for {key}: the checkpoint has {tuple(value.shape)} (after conversion to "
-                        f"vlmjax layout), config.json implies {tuple(want)}. The config and the weights disagree: "
-                        "check hidden sizes, head counts and vocab_size in config.json.")
-                if layer is None:
-                    out[p][...] = value.astype(np_dtype)
-                    filled[p][0] = True
-                else:
-                    out[p][layer] = value.astype(np_dtype)
-                    filled[p][layer] = True
-    bar.close()
-    missing = [_describe(keymap, p, np.flatnonzero(~f)) for p, f in filled.items() if not f.all()]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected tensors: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        raise VlmJaxError(f"The checkpoint in {path} does not match its config ({'; '.join(parts)}). "
-                          "Check that config.json belongs to these weights (layer counts, tie_word_embeddings, "
-                          "attention_bias), or re-save the model with save_pretrained.")
-    return unflatten(out)
 
 
 def _stacked(path: str) -> bool:
