@@ -18,27 +18,45 @@ from PIL import Image
 from vlmjax.data import shapes
 from vlmjax.eval.pope import first_token_correct, pope_metrics, says_yes, yes_probability
 from vlmjax.eval.run import answer_token_ids
-from vlmjax.inputs import image_placeholder
+from vlmjax.eval.batches import padded_batches
 from vlmjax.train.data import answer_weights, conversations, encode, shapes_questions
 from vlmjax.train.loop import train
 from vlmjax.train.presets import PROMPT, TrainConfig, build_processor, init_hf_model, token_side
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutQuestion:
+    """A held-out question in the form the shared batch builder (`eval.batches.padded_batches`) reads."""
+    question_id: int
+    text: str
+    image: Image.Image
+
+    def load_image(self) -> Image.Image:
+        return self.image
+
+
+def held_out_batches(processor, images: dict[str, Image.Image], questions: Sequence[shapes.Sample],
+                     batch_size: int, image_kind: str | None = None):
+    """(questions of the batch, processor outputs) through `padded_batches`: one prompt length for the whole set,
+    left padding, the last batch filled by repetition (its extra rows are dropped here)."""
+    records = [HeldOutQuestion(q.question_id, q.question, images[q.image]) for q in questions]
+    by_id = {q.question_id: q for q in questions}
+    size = min(batch_size, len(records))
+    for chunk, real, inputs in padded_batches(processor, records, size, prompt=PROMPT.replace("{image}", "<image>"),
+                                              image_kind=image_kind):
+        yield [by_id[r.question_id] for r in chunk[:real]], inputs
 
 
 def evaluate_yes_no(model, processor, images: dict[str, Image.Image], questions: Sequence[shapes.Sample],
                     black_images: bool = False, batch_size: int = 64) -> dict:
     """First-token POPE scoring: p_yes from the yes/no logits after ``ASSISTANT:``; ``pope_metrics`` of the
     decisions (``says_yes``) plus ``p_yes``. With ``black_images`` every image is replaced by a black one."""
-    processor.tokenizer.padding_side = "left"
     yes_ids, no_ids = (answer_token_ids(processor.tokenizer, word) for word in ("yes", "no"))
     p_yes = []
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        pictures = [Image.new("RGB", images[q.image].size) if black_images else images[q.image] for q in chunk]
-        text = [PROMPT.format(image=image_placeholder(processor), question=q.question) for q in chunk]
-        inputs = processor(images=pictures, text=text,
-                           return_tensors="np", padding="longest")
-        logits = model(**inputs, logits="last").logits[:, -1]
-        p_yes.extend(yes_probability(np.asarray(logits), yes_ids, no_ids).tolist())
+    for chunk, inputs in held_out_batches(processor, images, questions, batch_size,
+                                          "black" if black_images else None):
+        logits = np.asarray(model(**inputs, logits="last").logits[: len(chunk), -1])
+        p_yes.extend(yes_probability(logits, yes_ids, no_ids).tolist())
     metrics = pope_metrics(["yes" if yes else "no" for yes in says_yes(p_yes)], [q.answer for q in questions])
     return {**metrics, "p_yes": p_yes}
 
@@ -51,13 +69,9 @@ def evaluate_first_token(model, processor, images: dict[str, Image.Image], quest
                          batch_size: int = 64) -> dict[str, float]:
     """Accuracy of the most likely first reply token against the (one-word) answer, per question type: the
     held-out figure of the attribute and counting questions, whose answers are single words of the vocabulary."""
-    processor.tokenizer.padding_side = "left"
     right: dict[str, list[bool]] = {}
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        text = [PROMPT.format(image=image_placeholder(processor), question=q.question) for q in chunk]
-        inputs = processor(images=[images[q.image] for q in chunk], text=text, return_tensors="np", padding="longest")
-        predicted = np.asarray(model(**inputs, logits="last").logits[:, -1]).argmax(-1)
+    for chunk, inputs in held_out_batches(processor, images, questions, batch_size):
+        predicted = np.asarray(model(**inputs, logits="last").logits[: len(chunk), -1]).argmax(-1)
         for q, token in zip(chunk, predicted):
             right.setdefault(q.question_type, []).append(int(token) in answer_token_ids(processor.tokenizer, q.answer))
     return {kind: float(np.mean(values)) for kind, values in right.items()}
