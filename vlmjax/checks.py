@@ -194,15 +194,26 @@ def raise_if_nonfinite(hook_records: dict) -> None:
                       "what feeds it: pixel_values, the hooks' parameters (e.g. an infinite bias) or the weights.")
 
 
+@jax.jit
+def _finite_leaves(leaves):
+    """Per leaf, whether every value is finite: reduced where the leaf lives (sharded or not), so no weight is
+    copied to the host (a host copy would stay cached on each array: a second copy of the model in host memory)."""
+    return jnp.stack([jnp.isfinite(leaf).all() for leaf in leaves])
+
+
 def check_params_finite(params, path) -> None:
     """Refuse weights holding NaN or inf, naming the parameter (e.g. a corrupted checkpoint)."""
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        bad = ~np.isfinite(np.asarray(leaf, np.float32))
-        if bad.any():
-            name = "/".join(str(getattr(k, "key", k)) for k in keys)
-            raise VlmJaxError(f"The weights in {path} hold a non-finite value (NaN or inf) in {name} at index "
-                              f"{np.argwhere(bad)[0].tolist()} (a stacked parameter's first index is the layer). The "
-                              "checkpoint is corrupt: re-save it from a good copy.")
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
+    finite = np.asarray(_finite_leaves(list(leaves)))
+    if finite.all():
+        return
+    bad = int(np.flatnonzero(~finite)[0])
+    leaf = leaves[bad]
+    index = np.unravel_index(int(jnp.argmax(~jnp.isfinite(leaf).reshape(-1))), leaf.shape)
+    name = "/".join(str(getattr(k, "key", k)) for k in paths[bad])
+    raise VlmJaxError(f"The weights in {path} hold a non-finite value (NaN or inf) in {name} at index "
+                      f"{[int(i) for i in index]} (a stacked parameter's first index is the layer). The checkpoint "
+                      "is corrupt: re-save it from a good copy.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
