@@ -172,3 +172,18 @@ def test_loss_weights_put_each_pope_weight_on_its_yes_no_token(prepared):
     assert weighted.any() and not (weighted & ~yes_no).any()
     starts = train.reply_starts(data["input_ids"], tokenizer)
     assert not (yes_no & (data["loss_weights"] > 0) & ~starts).any()  # yes/no replies are one token
+
+
+def test_open_questions_are_also_first_turns_and_yes_no_answers_come_first():
+    """Every attribute / count question opens a conversation of its own once (evaluation asks it as the first turn),
+    and in the POPE conversations no open answer precedes a yes/no question (it could give the answer away)."""
+    cfg = train.PRESETS["llava-shapes-deep"]
+    _, questions = train.shapes_questions(40, cfg.seed, cfg.image_size, 0.25, cfg.tasks)
+    dialogues = train.conversations(questions["train"], cfg.seed)
+    opened = [d for d in dialogues if d[0].question_type in ("attribute", "count")]
+    open_ids = sorted(q.question_id for q in questions["train"] if q.question_type in ("attribute", "count"))
+    assert open_ids and sorted(q.question_id for d in opened for q in d) == open_ids
+    assert all(q.question_type in ("attribute", "count") for d in opened for q in d)
+    for d in dialogues:
+        kinds = [q.question_type for q in d]
+        assert "pope" not in kinds or kinds[: kinds.count("pope")] == ["pope"] * kinds.count("pope")

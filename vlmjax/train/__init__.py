@@ -9,7 +9,8 @@ with 2-D rotary and patch merger, Qwen2 decoder with M-RoPE), saves it as an HF 
 1. alignment: every visual token's output (after the projector / merger) is pulled, through the tied word
    embeddings, towards the colour and shape words of the object it shows (``grounding_loss``), training the vision
    tower and projector the way LLaVA's first stage trains its projector;
-2. instruction tuning: multi-turn conversations per image (POPE yes/no questions, then "Describe the image."), loss
+2. instruction tuning: multi-turn conversations per image (POPE yes/no questions, then "Describe the image." and the
+   attribute / counting questions; and those open questions on their own, so they are first turns too), loss
    on the reply tokens (each yes/no reply weighted so that every category is as often "yes" as "no",
    ``answer_weights``), plus the grounding loss.
 

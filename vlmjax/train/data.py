@@ -89,8 +89,11 @@ def answer_weights(questions: Sequence[shapes.Sample]) -> dict[tuple[str, str, s
 
 def conversations(questions: Sequence[shapes.Sample], seed: int) -> list[list[shapes.Sample]]:
     """One conversation per image and POPE split: that split's yes/no questions in a seeded random order, then the
-    image's other questions (describe, attribute), last so that their answers never give a yes/no answer away.
-    The image is encoded once for several questions, and the first turn has exactly the evaluation prompt's form."""
+    image's other questions (describe, attribute, count), last so that their answers never give a yes/no answer
+    away; and one per image of its open questions alone (attribute, count; seeded order), so that these are also
+    asked as the first turn, the form every evaluation uses (without it a model answers "yes"/"no" to a first-turn
+    "What color is the square?"). The image is encoded once for several questions, and the first turn has exactly the
+    evaluation prompt's form."""
     yes_no: dict[tuple, list[shapes.Sample]] = {}
     others: dict[str, list[shapes.Sample]] = {}
     for q in questions:
@@ -100,8 +103,13 @@ def conversations(questions: Sequence[shapes.Sample], seed: int) -> list[list[sh
             others.setdefault(q.image, []).append(q)
     groups = yes_no or {(image, None): [] for image in others}
     rng = np.random.default_rng([seed, len(questions)])
-    return [[group[i] for i in rng.permutation(len(group))] + others.get(image, [])
-            for (image, _), group in groups.items()]
+    dialogues = [[group[i] for i in rng.permutation(len(group))] + others.get(image, [])
+                 for (image, _), group in groups.items()]
+    for image, asked in others.items():
+        open_questions = [q for q in asked if q.question_type != "describe"]
+        if open_questions and yes_no:
+            dialogues.append([open_questions[i] for i in rng.permutation(len(open_questions))])
+    return dialogues
 
 
 def conversation_text(turns: Sequence[shapes.Sample], eos: str, image: str) -> str:
