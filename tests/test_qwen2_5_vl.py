@@ -18,6 +18,7 @@ from converters import hf as hf_conv
 from vlmjax import cli
 from vlmjax.errors import VlmJaxError
 from vlmjax.generate import generate
+from vlmjax.models.qwen2_5_vl import window_layout
 from vlmjax.hooks import Capture, VisionCapture
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
@@ -121,19 +122,41 @@ def test_vision_tower_windows_against_hf(tiny):
     np.testing.assert_allclose(pattern[..., :48, :48].sum(-1), 1.0, atol=1e-5)
 
 
+def test_window_layout_equals_hf_window_index(tiny):
+    """Our window order and window ids against HF's `get_vision_window_index` (merged-token order, cumulative window
+    lengths) on grids with ragged windows, two frames, several images."""
+    v = tiny[2].config.vision
+    for grids in ([[1, 6, 10]], [[2, 4, 4]], [[1, 4, 8], [2, 6, 4], [1, 10, 6]], [[1, 8, 8]]):
+        order, windows = window_layout(np.array(grids), v)
+        index, cu = get_vision_window_index(torch.as_tensor(grids), v.spatial_merge_size, v.window_size, v.patch_size)
+        np.testing.assert_array_equal(order, (index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1))
+        in_order = windows[order]
+        assert (np.diff(in_order) >= 0).all()  # windows are contiguous in window order
+        starts = np.flatnonzero(np.diff(in_order, prepend=-1))
+        np.testing.assert_array_equal(np.append(starts, len(order)), cu.numpy())
+
+
 def test_position_ids_equal_hf_get_rope_index(tiny):
-    """Images' temporal ids do not scale with tokens_per_second (HF: only video's do), so Qwen2-VL's rope index
-    holds; checked against HF's on a padded batch with images of two sizes and a text-only sample."""
+    """Qwen2-VL's rope index against HF's on a padded batch with images of two sizes and a text-only sample, and on
+    a two-frame image: its temporal ids are its frame indices, not scaled by tokens_per_second (HF scales video's)."""
     _, processor, model, hf_model = tiny
-    inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?", "USER: no image here , only text"],
-                     [_image("4x8", 9), _image("6x10", 10)])
-    batch, _ = model.prepare(inputs)
-    positions, deltas = hf_model.model.get_rope_index(
-        torch.as_tensor(inputs["input_ids"]), torch.as_tensor(inputs["mm_token_type_ids"]),
-        image_grid_thw=torch.as_tensor(inputs["image_grid_thw"]), attention_mask=torch.as_tensor(inputs["attention_mask"]))
-    real = inputs["attention_mask"].astype(bool)
-    np.testing.assert_array_equal(batch["position_ids"][:, real], positions.numpy()[:, real])
-    np.testing.assert_array_equal(batch["rope_deltas"], deltas.numpy())
+    start, image, end = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>",
+                                                                   "<|vision_end|>"])
+    two_frames = {"input_ids": np.array([[7, start] + [image] * 8 + [end, 8]]), "attention_mask": np.ones((1, 12)),
+                  "pixel_values": np.zeros((32, model.config.vision.patch_dim), np.float32),
+                  "image_grid_thw": np.array([[2, 4, 4]])}
+    two_frames["mm_token_type_ids"] = (two_frames["input_ids"] == image).astype(int)
+    for inputs in (_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?", "USER: no image , only text"],
+                           [_image("4x8", 9), _image("6x10", 10)]), two_frames):
+        batch, _ = model.prepare(inputs)
+        positions, deltas = hf_model.model.get_rope_index(
+            torch.as_tensor(inputs["input_ids"]), torch.as_tensor(inputs["mm_token_type_ids"]),
+            image_grid_thw=torch.as_tensor(inputs["image_grid_thw"]),
+            attention_mask=torch.as_tensor(inputs["attention_mask"]))
+        real = inputs["attention_mask"].astype(bool)
+        np.testing.assert_array_equal(batch["position_ids"][:, real], positions.numpy()[:, real])
+        np.testing.assert_array_equal(batch["rope_deltas"], deltas.numpy())
+    np.testing.assert_array_equal(batch["position_ids"][0, 0, 2:10], [2] * 4 + [3] * 4)  # frames 0, 1
 
 
 def test_greedy_decoding_equals_hf_generate(tiny):
@@ -190,11 +213,14 @@ def test_error_video_input(tiny):
     model.prepare({**inputs, "second_per_grid_ts": None})  # what a processor returns without videos
 
 
-def test_error_equal_images_and_bad_configs(tiny, tmp_path):
+def test_error_unsupported_options_and_bad_configs(tiny, tmp_path):
     path, processor, model, _ = tiny
-    batch, _ = model.prepare(_inputs(processor, [f"USER: {IMAGE_PROMPT} ?"], [_image("4x4")]))
+    inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} ?"], [_image("4x4")])
+    batch, _ = model.prepare(inputs)
     with pytest.raises(VlmJaxError, match="equal_images .* not implemented for Qwen2.5-VL"):
         model.forward(model.params, batch, equal_images=1)
+    with pytest.raises(VlmJaxError, match="packed patches of Qwen2-VL and Qwen2.5-VL are not supported"):
+        generate(model, inputs, 2, contrast_pixel_values=inputs["pixel_values"])
     config = json.loads((path / "config.json").read_text())
     for change, message in (({"window_size": 20}, "window_size=20 is smaller than one merged token"),
                             ({"fullatt_block_indexes": [3]}, r"fullatt_block_indexes \[3\] must be vision layers")):

@@ -40,9 +40,9 @@ from vlmjax.hooks import Context, SiteRunner
 from vlmjax.models import decoder, qwen2_vl
 from vlmjax.models.decoder import Decoder
 from vlmjax.models.layers import Linear, RMSNorm, activation, additive_mask, key_rows, scan_stack
-from vlmjax.models.qwen2_vl import (VISION_LAYER_NORM_EPS, check_dtype, conv_kernel_shape, decode_start,  # noqa: F401
-                                    num_layers, text_config_from_hf, vision_attention, vision_rope_tables,
+from vlmjax.models.qwen2_vl import (VISION_LAYER_NORM_EPS, text_config_from_hf, vision_attention, vision_rope_tables,
                                     vision_rope_theta)
+from vlmjax.models.qwen2_vl import check_dtype, conv_kernel_shape, decode_start, num_layers  # noqa: F401 (family API)
 from vlmjax.visual import VisualTokens
 
 VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
