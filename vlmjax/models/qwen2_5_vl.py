@@ -42,9 +42,11 @@ from vlmjax.models.decoder import Decoder
 from vlmjax.models.layers import Linear, RMSNorm, activation, additive_mask, key_rows, scan_stack
 from vlmjax.models.qwen2_vl import (VISION_LAYER_NORM_EPS, text_config_from_hf, vision_attention, vision_rope_tables,
                                     vision_rope_theta)
-from vlmjax.models.qwen2_vl import check_dtype, conv_kernel_shape, decode_start, num_layers  # noqa: F401 (family API)
 from vlmjax.visual import VisualTokens
 
+# The family API that Qwen2-VL's functions serve unchanged (the patch conv, depths, dtypes, decode positions).
+check_dtype, conv_kernel_shape, num_layers = qwen2_vl.check_dtype, qwen2_vl.conv_kernel_shape, qwen2_vl.num_layers
+decode_start = qwen2_vl.decode_start
 VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 _QV = "model.visual."
 KEY_ROWS = (
