@@ -6,9 +6,10 @@ import pytest
 from vlmjax import cli
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
+from vlmjax.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 
 
-@pytest.mark.parametrize("make", [make_tiny_llava_next, make_tiny_qwen2_vl])
+@pytest.mark.parametrize("make", [make_tiny_llava_next, make_tiny_qwen2_vl, make_tiny_qwen2_5_vl])
 def test_verify_and_info(make, tmp_path, capsys):
     make(tmp_path)
     assert cli.main(["verify", str(tmp_path)]) == 0

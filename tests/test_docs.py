@@ -17,6 +17,7 @@ from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny import make_tiny_llava
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
+from vlmjax.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 
 ROOT = Path(__file__).parents[1]
 SITES_MD = ROOT / "docs" / "sites.md"
@@ -27,6 +28,7 @@ FAMILIES = {  # family: (builder, image placeholder, (height, width) of the two 
     "llava": (make_tiny_llava, "<image>", ((56, 56), (40, 70))),
     "llava_next": (make_tiny_llava_next, "<image>", ((28, 56), (50, 30))),
     "qwen2_vl": (make_tiny_qwen2_vl, IMAGE_PROMPT, ((56, 56), (56, 84))),  # 16 + 24 patches, padded to 64
+    "qwen2_5_vl": (make_tiny_qwen2_5_vl, IMAGE_PROMPT, ((56, 56), (56, 84))),
 }
 
 
@@ -70,7 +72,7 @@ def symbols(model, batch) -> dict[str, int]:
     cfg, t, v = model.config, model.config.text, model.config.vision
     s = dict(B=batch["input_ids"].shape[0], N=batch["input_ids"].shape[1], D=t.hidden_size, H=t.num_heads,
              KVH=t.num_kv_heads, hd=t.head_dim, F=t.intermediate_size, V=t.vocab_size)
-    if cfg.model_type == "qwen2_vl":
+    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
         patches = batch["pixel_values"].shape[0]
         s.update(Dv=v.embed_dim, Iv=1, Tv=patches, Tf=patches, Df=v.embed_dim, Tp=patches // v.spatial_merge_size**2)
     else:

@@ -170,9 +170,9 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
         if not dola_layers or not all(0 <= layer < last for layer in dola_layers) or contrastive:
             raise VlmJaxError(f"dola_layers must be a non-empty set of premature layers in 0..{last - 1} (layer "
                               f"{last} is the mature one), without contrast_pixel_values; got {dola_layers}.")
-    if contrastive and model.config.model_type == "qwen2_vl":
-        raise VlmJaxError("Contrastive (VCD) decoding is implemented for LLaVA-style families; Qwen2-VL's packed "
-                          "patches are not supported yet.")
+    if contrastive and model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        raise VlmJaxError("Contrastive (VCD) decoding is implemented for LLaVA-style families; the packed patches "
+                          "of Qwen2-VL and Qwen2.5-VL are not supported yet.")
     if contrastive:
         distorted = np.asarray(contrast_pixel_values, batch["pixel_values"].dtype)
         if distorted.shape != batch["pixel_values"].shape:

@@ -25,8 +25,9 @@ IMAGE_PROMPT = VISION_START + IMAGE_PAD + VISION_END
 
 def load_processor(path: str | os.PathLike):
     """The HF processor saved beside a checkpoint (`AutoProcessor`), for a directory or a shipped model
-    ("builtin:NAME"). Qwen2-VL's stock processor also builds a video processor that needs torchvision; where
-    torchvision is missing, its image-and-text-only processor (`load_qwen2_vl_processor`) is used instead."""
+    ("builtin:NAME"). Qwen2-VL's and Qwen2.5-VL's stock processors also build a video processor that needs
+    torchvision; where torchvision is missing, the image-and-text-only processor (`load_qwen2_vl_processor`, the same
+    for both: Qwen2.5-VL uses Qwen2-VL's image processor) is used instead."""
     from transformers import AutoProcessor
 
     from vlmjax.builtin import resolve
@@ -35,7 +36,7 @@ def load_processor(path: str | os.PathLike):
     try:
         return AutoProcessor.from_pretrained(str(path))
     except ImportError:
-        if json.loads((path / "config.json").read_text()).get("model_type") != "qwen2_vl":
+        if json.loads((path / "config.json").read_text()).get("model_type") not in ("qwen2_vl", "qwen2_5_vl"):
             raise
         return load_qwen2_vl_processor(path)
 

@@ -23,6 +23,7 @@ FAMILIES = {
     "llava": "vlmjax.models.llava",
     "llava_next": "vlmjax.models.llava_next",
     "qwen2_vl": "vlmjax.models.qwen2_vl",
+    "qwen2_5_vl": "vlmjax.models.qwen2_5_vl",
 }
 
 

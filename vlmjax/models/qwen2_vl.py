@@ -90,8 +90,9 @@ class Qwen2VLConfig:
     model_type: str = "qwen2_vl"
 
 
-def config_from_hf(hf_config) -> Qwen2VLConfig:
-    tc, vc = hf_config.text_config, hf_config.vision_config
+def text_config_from_hf(hf_config) -> DecoderConfig:
+    """The Qwen2 decoder with M-RoPE of a Qwen2-VL-family HF config (Qwen2.5-VL's too)."""
+    tc = hf_config.text_config
     if tc.use_sliding_window:
         raise VlmJaxError("use_sliding_window=True is not supported for Qwen2-VL (HF windows only the layers past "
                           "max_window_layers); Qwen2-VL checkpoints ship with it off: set it to false.")
@@ -100,12 +101,21 @@ def config_from_hf(hf_config) -> Qwen2VLConfig:
     if sum(section) != text.head_dim // 2:
         raise VlmJaxError(f"mrope_section {list(section)} must sum to head_dim / 2 = {text.head_dim // 2} (the "
                           "rotary frequencies it splits over time, rows and columns); fix rope_parameters.")
-    text = dataclasses.replace(text, rope=dataclasses.replace(text.rope, mrope_section=tuple(section)),
+    return dataclasses.replace(text, rope=dataclasses.replace(text.rope, mrope_section=tuple(section)),
                                tie_word_embeddings=bool(hf_config.tie_word_embeddings))
+
+
+def vision_rope_theta(vc) -> float:
+    """The vision tower's rotary base, checking that its rotary embedding is the axial (2-D) one."""
     vision_rope = getattr(vc, "rope_parameters", None) or {}
     if vision_rope.get("rope_type", "axial") != "axial":
         raise VlmJaxError(f"Unsupported vision rope type {vision_rope['rope_type']!r}; Qwen2-VL's vision tower "
                           "uses 'axial' (2-D) rotary embeddings.")
+    return float(vision_rope.get("rope_theta", 10000.0))
+
+
+def config_from_hf(hf_config) -> Qwen2VLConfig:
+    vc = hf_config.vision_config
     embed_dim = int(vc.embed_dim)
     vision = Qwen2VLVisionConfig(
         embed_dim=embed_dim,
@@ -118,9 +128,10 @@ def config_from_hf(hf_config) -> Qwen2VLConfig:
         spatial_merge_size=int(vc.spatial_merge_size),
         in_channels=int(vc.in_channels),
         hidden_act=vc.hidden_act,
-        rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+        rope_theta=vision_rope_theta(vc),
     )
-    return Qwen2VLConfig(vision=vision, text=text, image_token_id=int(hf_config.image_token_id))
+    return Qwen2VLConfig(vision=vision, text=text_config_from_hf(hf_config),
+                         image_token_id=int(hf_config.image_token_id))
 
 
 def num_layers(cfg: Qwen2VLConfig) -> dict[str, int]:
@@ -316,16 +327,20 @@ class VisionBlock(nnx.Module):
         self.fc2 = Linear(cfg.intermediate_size, d, layers=L, rngs=rngs)
 
     def __call__(self, x: jax.Array, run: SiteRunner, cos, sin, mask_add) -> jax.Array:
-        b, n, d = x.shape
-        heads = self.cfg.num_heads
         x = run("resid_pre", x)
-        h = run("attn.input", self.norm1(x))
-        qkv = self.qkv(h).reshape(b, n, 3, heads, d // heads)
-        q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
-        q = apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)  # rotary in fp32, as HF's vision rotary
-        k = apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        z = attention(q, k, v, mask_add, run, (d // heads) ** -0.5)
+        z = vision_attention(self.qkv, run("attn.input", self.norm1(x)), run, cos, sin, mask_add, self.cfg.num_heads)
         return vit_block_end(x, z, self.proj, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
+
+
+def vision_attention(qkv: Linear, h: jax.Array, run: SiteRunner, cos, sin, mask_add, heads: int) -> jax.Array:
+    """The towers' self-attention on normed h [1, P, Dv]: fused qkv, the 2-D rotary in fp32 (as HF's vision
+    rotary), then attention under `mask_add`; per-head mixed values [1, P, Hv, hdv]."""
+    b, n, d = h.shape
+    qkv = qkv(h).reshape(b, n, 3, heads, d // heads)
+    q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
+    q = apply_rope(q.astype(jnp.float32), cos, sin).astype(h.dtype)
+    k = apply_rope(k.astype(jnp.float32), cos, sin).astype(h.dtype)
+    return attention(q, k, v, mask_add, run, (d // heads) ** -0.5)
 
 
 class VisionTower(nnx.Module):
