@@ -46,6 +46,8 @@ class DecoderConfig:
     mlp_bias: bool = False
     sliding_window: Optional[int] = None  # Mistral: key j visible to query i iff i - window < j <= i
     tie_word_embeddings: bool = False
+    norm_offset: float = 0.0  # Gemma: 1.0, its RMSNorms scale by (1 + w) (layers.rms_norm)
+    final_logit_softcap: Optional[float] = None  # Gemma 2: logits = cap * tanh(logits / cap)
 
 
 @dataclasses.dataclass(frozen=True)

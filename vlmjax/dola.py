@@ -45,13 +45,14 @@ def jensen_shannon(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 
 def dola_scores(final_logits, candidate_residuals, final_norm_scale, unembedding, eps: float,
-                relative_top: float = RELATIVE_TOP):
+                relative_top: float = RELATIVE_TOP, norm_offset: float = 0.0, softcap: float | None = None):
     """(scores [B, V], premature [B] index into the candidates) from the model's logits [B, V] and the candidate
     layers' residuals [C, B, D]: `log q_N - log q_M` with M the candidate of largest JSD(q_N || q_j), and -inf where
-    `log q_N < log(relative_top) + max log q_N`."""
+    `log q_N < log(relative_top) + max log q_N`. `norm_offset` / `softcap`: the decoder's (Gemma's (1 + w) norm,
+    Gemma 2's logit soft-cap), so the early exits read the layers as the model's own head does."""
     log_final = jax.nn.log_softmax(final_logits.astype(jnp.float32), axis=-1)
-    final_norm = functools.partial(rms_norm, {"scale": final_norm_scale}, eps=eps)
-    log_early = jax.nn.log_softmax(lens_logits(candidate_residuals, final_norm, unembedding), axis=-1)
+    final_norm = functools.partial(rms_norm, {"scale": final_norm_scale}, eps=eps, offset=norm_offset)
+    log_early = jax.nn.log_softmax(lens_logits(candidate_residuals, final_norm, unembedding, softcap), axis=-1)
     premature = jnp.argmax(jensen_shannon(log_final[None], log_early), axis=0)
     log_premature = jnp.take_along_axis(log_early, premature[None, :, None], axis=0)[0]
     cut = log_final < jnp.log(relative_top) + jnp.max(log_final, axis=-1, keepdims=True)

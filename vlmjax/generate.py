@@ -92,7 +92,9 @@ def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_toke
         if dola_layers:
             text = params["text"]
             contrast, premature = dola.dola_scores(logits, records[_DOLA]["resid_post"], text["final_norm"]["scale"],
-                                                   decoder.unembed_matrix(text), cfg.text.rms_norm_eps)
+                                                   decoder.unembed_matrix(text), cfg.text.rms_norm_eps,
+                                                   norm_offset=cfg.text.norm_offset,
+                                                   softcap=cfg.text.final_logit_softcap)
             return contrast, jnp.asarray(dola_layers, jnp.int32)[premature]
         return logits, None
 

@@ -2,8 +2,8 @@
 
 The lens reads a residual ``h[..., D]`` (typically [B, N, D] at chosen positions, see :func:`gather_positions`) as the
 model's own output: ``logits = final_norm(h) @ unembedding`` with ``unembedding[D, V]`` (the transpose of HF's
-``lm_head.weight[V, D]``), and ``final_norm`` the model's final normalisation as a callable. Log-probabilities are
-computed in at least float32.
+``lm_head.weight[V, D]``), and ``final_norm`` the model's final normalisation as a callable; a model whose logits
+are soft-capped (Gemma 2) passes its ``softcap``. Log-probabilities are computed in at least float32.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from vlmjax.models.layers import softcap as soft_cap
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -23,35 +25,39 @@ def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def lens_logits(
-    residual: jax.Array, final_norm: Callable[[jax.Array], jax.Array], unembedding: jax.Array
+    residual: jax.Array, final_norm: Callable[[jax.Array], jax.Array], unembedding: jax.Array,
+    softcap: float | None = None
 ) -> jax.Array:
     """Logit-lens logits ``final_norm(residual) @ unembedding``: [..., D] -> [..., V], in at least float32."""
     normed = jnp.asarray(final_norm(residual))
     dtype = jnp.promote_types(jnp.promote_types(normed.dtype, jnp.asarray(unembedding).dtype), jnp.float32)
-    return jnp.matmul(normed.astype(dtype), jnp.asarray(unembedding).astype(dtype), precision=_HIGHEST)
+    return soft_cap(jnp.matmul(normed.astype(dtype), jnp.asarray(unembedding).astype(dtype), precision=_HIGHEST),
+                    softcap)
 
 
 def lens_top_k(
-    residual: jax.Array, final_norm: Callable[[jax.Array], jax.Array], unembedding: jax.Array, k: int
+    residual: jax.Array, final_norm: Callable[[jax.Array], jax.Array], unembedding: jax.Array, k: int,
+    softcap: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """The k most probable tokens under the lens: (ids int32 [..., k], probabilities [..., k]), most probable first.
 
     ``k`` is static. Ties are ordered as ``jax.lax.top_k`` orders them (lower id first).
     """
-    log_probs = jax.nn.log_softmax(lens_logits(residual, final_norm, unembedding), axis=-1)
+    log_probs = jax.nn.log_softmax(lens_logits(residual, final_norm, unembedding, softcap), axis=-1)
     top_log_probs, top_ids = jax.lax.top_k(log_probs, k)
     return top_ids.astype(jnp.int32), jnp.exp(top_log_probs)
 
 
 def lens_target_rank_and_prob(
-    residual: jax.Array, final_norm: Callable[[jax.Array], jax.Array], unembedding: jax.Array, target_ids: jax.Array
+    residual: jax.Array, final_norm: Callable[[jax.Array], jax.Array], unembedding: jax.Array, target_ids: jax.Array,
+    softcap: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Rank and probability of a target token under the lens: (rank int32 [...], probability [...]).
 
     ``target_ids`` broadcasts against ``residual.shape[:-1]`` (e.g. [B, 1] for one target per sample). The rank is the
     number of tokens with a strictly larger logit: 0 = top-1, and ties share the best rank.
     """
-    logits = lens_logits(residual, final_norm, unembedding)
+    logits = lens_logits(residual, final_norm, unembedding, softcap)
     targets = jnp.broadcast_to(jnp.asarray(target_ids).astype(jnp.int32), logits.shape[:-1])[..., None]
     target_logit = jnp.take_along_axis(logits, targets, axis=-1)
     rank = jnp.sum(logits > target_logit, axis=-1).astype(jnp.int32)

@@ -24,6 +24,7 @@ FAMILIES = {
     "llava_next": "vlmjax.models.llava_next",
     "qwen2_vl": "vlmjax.models.qwen2_vl",
     "qwen2_5_vl": "vlmjax.models.qwen2_5_vl",
+    "paligemma": "vlmjax.models.paligemma",
 }
 
 

@@ -15,7 +15,7 @@ from flax import nnx
 from vlmjax.config import DecoderConfig
 from vlmjax.hooks import SiteRunner
 from vlmjax.models.layers import (Linear, RMSNorm, activation, apply_rope, attention, key_rows, scan_stack,
-                                  weight)
+                                  softcap, weight)
 
 _T = "model.language_model."
 KEY_ROWS = (
@@ -66,11 +66,13 @@ class DecoderBlock(nnx.Module):
 
 
 class Decoder(nnx.Module):
+    Block = DecoderBlock  # the stacked layers' module (a family with other layers subclasses Decoder)
+
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = weight(rngs, cfg.vocab_size, cfg.hidden_size)
-        self.layers = DecoderBlock(cfg, rngs=rngs)
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = self.Block(cfg, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
                                                                    rngs=rngs)
 
@@ -79,9 +81,14 @@ class Decoder(nnx.Module):
         return scan_stack(self.layers, lambda layer, h, run: layer(h, run, cos, sin, mask_add), x, hooks, ctx,
                           start, stop)
 
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        """Input embeddings [..., D] of token ids."""
+        return self.embed[...][ids]
+
     def unembed(self, h: jax.Array) -> jax.Array:
-        """Logits of normed hidden states h [..., D]."""
-        return h @ unembed_matrix(nnx.to_pure_dict(nnx.state(self))).astype(h.dtype)
+        """Logits of normed hidden states h [..., D] (soft-capped where the config says so)."""
+        logits = h @ unembed_matrix(nnx.to_pure_dict(nnx.state(self))).astype(h.dtype)
+        return softcap(logits, self.cfg.final_logit_softcap)
 
 
 def unembed_matrix(text_params: dict) -> jax.Array:

@@ -46,11 +46,13 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, layers: tuple[int, ...] = ()):
-        self.scale, self.eps = constant(1.0, *layers, dim), eps
+    """`offset` 1.0 is Gemma's norm: the weight w scales by (1 + w), initialised at w = 0 (see `rms_norm`)."""
+
+    def __init__(self, dim: int, eps: float, *, offset: float = 0.0, layers: tuple[int, ...] = ()):
+        self.scale, self.eps, self.offset = constant(1.0 - offset, *layers, dim), eps, offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm({"scale": self.scale[...]}, x, self.eps)
+        return rms_norm({"scale": self.scale[...]}, x, self.eps, self.offset)
 
 
 class LayerNorm(nnx.Module):
@@ -85,11 +87,20 @@ def scan_stack(blocks: nnx.Module, call, x, hooks, ctx, start: int, stop: int):
     return scan_layers(lambda p, h, run: call(nnx.merge(graph, p), h, run), state, x, hooks, ctx, start, stop)
 
 
-def rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
+def rms_norm(p: dict, x: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """Llama's RMSNorm (normalised in fp32, cast, then scaled), or with `offset` Gemma's: scaled by (offset + w) in
+    fp32, then cast."""
     dtype = x.dtype
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (h * (offset + p["scale"].astype(jnp.float32))).astype(dtype)
     return p["scale"] * h.astype(dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's logit soft-capping, cap * tanh(x / cap) (x unchanged when cap is None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def _quick_gelu(x):
@@ -164,18 +175,19 @@ def causal_allowed(
     return allowed[None, None] & key_padding[:, None, None, :].astype(bool)
 
 
-def attention(q, k, v, mask_add, site, scale: float):
+def attention(q, k, v, mask_add, site, scale: float, logit_cap: float | None = None):
     """Scaled dot-product attention exposing the canonical sites.
 
     q [B, Nq, H, hd], k/v [B, Nk, KVH, hd] (grouped-query heads are shared by H // KVH query heads),
-    mask_add broadcastable to [B, H, Nq, Nk] or None. Sites: attn.scores (pre-softmax, after the mask),
+    mask_add broadcastable to [B, H, Nq, Nk] or None; `logit_cap` soft-caps the scaled scores before the mask
+    (Gemma 2). Sites: attn.scores (pre-softmax, after the mask),
     attn.pattern (post-softmax), attn.z (per-head mixed values [B, Nq, H, hd]).
     """
     heads, kv_heads = q.shape[2], k.shape[2]
     if kv_heads != heads:
         k = jnp.repeat(k, heads // kv_heads, axis=2)
         v = jnp.repeat(v, heads // kv_heads, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype)
+    scores = softcap(jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype), logit_cap)
     if mask_add is not None:
         scores = scores + mask_add
     scores = site("attn.scores", scores)

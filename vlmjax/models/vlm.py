@@ -5,7 +5,7 @@ gets image features, merges them into the sequence, builds rotary tables, runs t
 decode step. A family subclass builds its modules in `__init__` (`self.text`, a `Decoder`, plus its vision tower
 and projector) and overrides only what differs: `image_features` (always), `merge_images` (default: HF's
 masked scatter of the features, in order, over the image tokens), `rotary` / `step_rotary` (default: Llama's 1-D
-rotary tables).
+rotary tables), `attention_mask` (default: causal with the config's sliding window).
 
 Functional API. A model's parameters are a plain nested dict (`model.params`: the pytree that jit, vmap, grad,
 orbax, the converters' key tables and the sharding rules use, e.g. params["text"]["layers"]["q"]["kernel"] stacked
@@ -79,7 +79,7 @@ class VisionLanguageModel(nnx.Module):
         site = SiteRunner(hooks, Context(stack="", visual_mask=visual_mask, key_padding=key_padding))
         out = {}
         if resid is None:
-            x = self.text.embed[...][jnp.where(visual_mask, 0, input_ids)]
+            x = self.text.embed_tokens(jnp.where(visual_mask, 0, input_ids))
             if batch.get("pixel_values") is not None:
                 out["image_features"] = self.image_features(batch, hooks, site, equal_images)
                 x = self.merge_images(x, batch, out["image_features"])
@@ -88,27 +88,32 @@ class VisionLanguageModel(nnx.Module):
             x = resid
         cos, sin = self.rotary(batch, x.dtype)
         out.update(self.decode(x, cos, sin, key_padding, visual_mask, hooks, site, logits, start_layer=start_layer,
-                               stop_layer=stop_layer))
+                               stop_layer=stop_layer, batch=batch))
         return out
 
     def decode_step(self, token, position, key_valid, visual_keys, index, hooks) -> dict:
         """One cached decode step for tokens [B] at rotary positions [B] and sequence index `index`; the KV cache
         is a hook (see vlmjax.generate), `key_valid` / `visual_keys` [B, S] cover the cache's positions."""
-        x = self.text.embed[...][token][:, None]
+        x = self.text.embed_tokens(token)[:, None]
         cos, sin = self.step_rotary(position, x.dtype)
         site = SiteRunner(hooks, Context(stack="", visual_mask=visual_keys, key_padding=key_valid))
         return self.decode(site("embed", x), cos, sin, key_valid, visual_keys, hooks, site, "all",
                            query_offset=index)
 
+    def attention_mask(self, key_padding, num_queries: int, dtype, query_offset=0, batch: dict | None = None):
+        """The additive mask [B, 1, Nq, Nk] the decoder layers add to their scores: causal, padding and the config's
+        sliding window. `batch` is the prompt's (None in a cached decode step)."""
+        return additive_mask(causal_allowed(key_padding, num_queries, self.text.cfg.sliding_window, query_offset),
+                             dtype)
+
     def decode(self, x, cos, sin, key_padding, visual_mask, hooks, site: SiteRunner, logits: str | None,
-               query_offset=0, start_layer: int = 0, stop_layer: int | None = None) -> dict:
+               query_offset=0, start_layer: int = 0, stop_layer: int | None = None, batch: dict | None = None) -> dict:
         """The decoder on input embeddings x (after the "embed" site): layers, final norm, logits and outputs.
         `query_offset` is the absolute index of the first query (keys then span the KV cache)."""
         text = self.text
         layers = text.cfg.num_layers
         stop_layer = layers if stop_layer is None else stop_layer
-        mask_add = additive_mask(causal_allowed(key_padding, x.shape[1], text.cfg.sliding_window, query_offset),
-                                 x.dtype)
+        mask_add = self.attention_mask(key_padding, x.shape[1], x.dtype, query_offset, batch)
         ctx = Context(stack="blocks", visual_mask=visual_mask, key_padding=key_padding)
         x, layer_records = text.run_layers(x, cos, sin, mask_add, hooks, ctx, start_layer, stop_layer)
         site.add_records(layer_records)

@@ -13,6 +13,7 @@ from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Hook
 from vlmjax.metrics import gather_positions
 from vlmjax.models.decoder import unembed_matrix
+from vlmjax.models.layers import softcap
 from vlmjax.probes.residual import text_params
 from vlmjax.probes.token_sets import last_position
 
@@ -39,7 +40,8 @@ def _target_logit_gradients(model, params, batch, target_ids, query_index):
     def target_logit(delta):
         out = model.forward(params, batch, {"probe": ResidualProbe(delta)}, logits=None)
         final = gather_positions(out["last_hidden_state"], query_index[:, None])[:, 0]
-        logits = final @ unembed_matrix(text_params(params)).astype(final.dtype)
+        logits = softcap(final @ unembed_matrix(text_params(params)).astype(final.dtype),
+                         model.config.text.final_logit_softcap)
         return jnp.take_along_axis(logits, target_ids[:, None], axis=1).sum()
 
     return jax.grad(target_logit)(jnp.zeros((num_layers, b, n, d), jnp.float32))

@@ -30,27 +30,31 @@ class LogitLens(Hook):
     target_ids: Any = None  # [B, P] (or broadcastable) int, or None
     k: int = struct.field(pytree_node=False, default=5)
     eps: float = struct.field(pytree_node=False, default=1e-6)
+    norm_offset: float = struct.field(pytree_node=False, default=0.0)  # Gemma's (1 + w) norm: 1.0
+    softcap: float | None = struct.field(pytree_node=False, default=None)  # Gemma 2's final logit soft-cap
 
     @classmethod
     def from_model(cls, model, k: int = 5, positions=None, target_ids=None):
-        """With the decoder's final-norm scale, unembedding and norm eps (for params holding a "text" decoder)."""
-        text = text_params(model.params)
+        """With the decoder's final norm (scale, eps, offset), unembedding and logit soft-cap (for params holding a
+        "text" decoder)."""
+        text, cfg = text_params(model.params), model.config.text
         return cls(text["final_norm"]["scale"], unembed_matrix(text),
                    None if positions is None else jnp.asarray(positions, jnp.int32),
                    None if target_ids is None else jnp.asarray(target_ids, jnp.int32),
-                   k, model.config.text.rms_norm_eps)
+                   k, cfg.rms_norm_eps, cfg.norm_offset, cfg.final_logit_softcap)
 
     def __call__(self, site, value, ctx):
         if site != "resid_post":
             return value, None
         positions = last_position(ctx.key_padding)[:, None] if self.positions is None else self.positions
         residual = gather_positions(value, positions)
-        final_norm = functools.partial(rms_norm, {"scale": self.final_norm_scale}, eps=self.eps)
-        top_ids, top_probs = lens_top_k(residual, final_norm, self.unembedding, self.k)
+        final_norm = functools.partial(rms_norm, {"scale": self.final_norm_scale}, eps=self.eps,
+                                       offset=self.norm_offset)
+        top_ids, top_probs = lens_top_k(residual, final_norm, self.unembedding, self.k, self.softcap)
         record = {"top_ids": top_ids, "top_probs": top_probs}
         if self.target_ids is not None:
             record["target_rank"], record["target_prob"] = lens_target_rank_and_prob(
-                residual, final_norm, self.unembedding, self.target_ids)
+                residual, final_norm, self.unembedding, self.target_ids, self.softcap)
         return value, record
 
 
