@@ -37,15 +37,19 @@ PAPER_STAGE_HEADS = 320  # 10 layers x 32 heads: a stage of LLaVA-1.5-7B
 def with_answer_token(model, params, batch):
     """The batch with each sample's greedy first answer token appended (its position is the answer's query). Under
     Qwen2-VL's M-RoPE (position_ids [3, B, N]) the token sits where decoding puts it: all three axes at the prompt's
-    largest position + 1; LLaVA-style models number positions from the attention mask."""
+    largest position + 1; LLaVA-style models number positions from the attention mask. PaliGemma's token_type_ids
+    mark it as suffix (1), causal as a decoded token is, so the prompt does not see it."""
     first = model.forward(params, batch, {}, logits="last")["logits"][:, -1].argmax(-1)
     extended = dict(batch)
     extended["input_ids"] = jnp.concatenate([batch["input_ids"], first[:, None].astype(jnp.int32)], axis=1)
     extended["attention_mask"] = jnp.concatenate([batch["attention_mask"], jnp.ones_like(first[:, None], bool)], 1)
+    own = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
     for key, value in batch.items():  # other per-token inputs (LLaVA-NeXT's image_feature_index): the new token is
-        if key not in ("input_ids", "attention_mask", "position_ids") and getattr(value, "shape", ())[:2] == \
-                batch["input_ids"].shape:  # text, so any value serves; repeat the last column
-            extended[key] = jnp.concatenate([value, value[:, -1:]], axis=1)
+        if key not in own and getattr(value, "shape", ())[:2] == batch["input_ids"].shape:  # text, so any value
+            extended[key] = jnp.concatenate([value, value[:, -1:]], axis=1)  # serves; repeat the last column
+    if "token_type_ids" in batch:
+        answer_type = jnp.ones_like(first[:, None], batch["token_type_ids"].dtype)
+        extended["token_type_ids"] = jnp.concatenate([batch["token_type_ids"], answer_type], axis=1)
     positions = batch.get("position_ids")
     if positions is not None and positions.ndim == 3:
         following = jnp.broadcast_to(positions.max(axis=(0, 2))[None, :, None] + 1, positions.shape[:2] + (1,))

@@ -49,3 +49,13 @@ def image_placeholder(processor) -> str:
         return "<|vision_start|>" + token + "<|vision_end|>"
     return token
 
+
+
+def with_image(processor, prompt: str) -> str:
+    """A one-image prompt written with ``<image>`` (e.g. "USER: <image> {question} ASSISTANT:") as the processor's
+    model takes it: ``<image>`` becomes `image_placeholder`, and for PaliGemma it moves to the front (its processor
+    then adds BOS after the image tokens, so the image leads the prefix, the layout PaliGemma was trained on)."""
+    placeholder = image_placeholder(processor)
+    if type(processor).__name__ == "PaliGemmaProcessor":
+        return placeholder + " ".join(prompt.replace("<image>", " ").split())
+    return prompt.replace("<image>", placeholder)

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 from PIL import Image
 
 from vlmjax.errors import VlmJaxError
-from vlmjax.inputs import image_placeholder
+from vlmjax.inputs import with_image
 
 DEFAULT_PROMPT = "USER: <image> {question} ASSISTANT:"
 NULL_IMAGES = ("black", "gray")
@@ -24,7 +24,7 @@ def null_image(image: Image.Image, kind: str) -> Image.Image:
 
 def prompt_texts(processor, records: Sequence, prompt: str = DEFAULT_PROMPT) -> dict:
     """{question id: prompt} with the processor's image placeholder; records have `question_id` and `text`."""
-    return {r.question_id: prompt.format(question=r.text).replace("<image>", image_placeholder(processor))
+    return {r.question_id: with_image(processor, prompt.format(question=r.text))
             for r in records}
 
 

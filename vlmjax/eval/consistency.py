@@ -18,7 +18,7 @@ from vlmjax.errors import VlmJaxError
 from vlmjax.eval.run import DEFAULT_PROMPT
 from vlmjax.eval.vqa import normalize_answer
 from vlmjax.generate import generate
-from vlmjax.inputs import image_placeholder
+from vlmjax.inputs import with_image
 
 SAMPLES, TEMPERATURE, TOP_P = 10, 0.7, 0.9
 
@@ -43,7 +43,7 @@ def self_consistency(model, processor, images: Sequence[Image.Image], questions:
         raise VlmJaxError(f"k must be at least 1, got {k}.")
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    texts = [prompt.format(question=q).replace("<image>", image_placeholder(processor)) for q in questions]
+    texts = [with_image(processor, prompt.format(question=q)) for q in questions]
     results = []
     for j, start in enumerate(range(0, len(images), batch_size)):
         chunk = range(start, min(start + batch_size, len(images)))

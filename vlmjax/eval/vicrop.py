@@ -22,7 +22,7 @@ from PIL import Image
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.run import DEFAULT_PROMPT
 from vlmjax.generate import generate
-from vlmjax.inputs import image_placeholder
+from vlmjax.inputs import with_image
 from vlmjax.probes import LastQueryVisualMap, map_grids
 
 DEFAULT_WINDOW = 0.5  # the crop's side as a fraction of the image side the grid covers (a quarter of its area)
@@ -91,7 +91,7 @@ def vicrop_answers(model, processor, images: Sequence[Image.Image], questions: S
     if not 0 <= layer < n_layers:
         raise VlmJaxError(f"layer {layer} is out of range; the decoder has layers 0..{n_layers - 1}.")
     processor.tokenizer.padding_side = "left"
-    texts = [prompt.format(question=q).replace("<image>", image_placeholder(processor)) for q in questions]
+    texts = [with_image(processor, prompt.format(question=q)) for q in questions]
     results = []
     for start in range(0, len(images), batch_size):
         chunk_images, chunk_texts = list(images[start:start + batch_size]), texts[start:start + batch_size]

@@ -30,7 +30,7 @@ from vlmjax.errors import VlmJaxError
 from vlmjax.eval.records import ResultsWriter
 from vlmjax.eval.batches import DEFAULT_PROMPT, prompt_length
 from vlmjax.generate import generate
-from vlmjax.inputs import image_placeholder
+from vlmjax.inputs import with_image
 
 ANNOTATORS = 10
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -111,8 +111,7 @@ def evaluate_open_ended(model, processor, questions: Sequence[VqaRecord], out_pa
     (e.g. `{"dola_layers": [1, 2]}` to answer with DoLa)."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    texts = {r.question_id: prompt.format(question=r.question).replace("<image>", image_placeholder(processor))
-             for r in questions}
+    texts = {r.question_id: with_image(processor, prompt.format(question=r.question)) for r in questions}
     length = prompt_length(processor, questions[0], texts) if questions else 0
     with ResultsWriter(str(out_path), id_key="id") as writer:
         todo = [r for r in questions if r.question_id in set(writer.pending([r.question_id for r in questions]))]
