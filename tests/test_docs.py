@@ -16,6 +16,7 @@ from vlmjax.hooks import BLOCK_SITES, GLOBAL_SITES, STACKS, VISION_BLOCK_SITES, 
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny import make_tiny_llava
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
+from vlmjax.testing.tiny_paligemma import make_tiny_paligemma
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 from vlmjax.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 
@@ -29,6 +30,7 @@ FAMILIES = {  # family: (builder, image placeholder, (height, width) of the two 
     "llava_next": (make_tiny_llava_next, "<image>", ((28, 56), (50, 30))),
     "qwen2_vl": (make_tiny_qwen2_vl, IMAGE_PROMPT, ((56, 56), (56, 84))),  # 16 + 24 patches, padded to 64
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, IMAGE_PROMPT, ((56, 56), (56, 84))),
+    "paligemma": (make_tiny_paligemma, "<image>", ((28, 28), (40, 30))),
 }
 
 
@@ -75,6 +77,9 @@ def symbols(model, batch) -> dict[str, int]:
     if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
         patches = batch["pixel_values"].shape[0]
         s.update(Dv=v.embed_dim, Iv=1, Tv=patches, Tf=patches, Df=v.embed_dim, Tp=patches // v.spatial_merge_size**2)
+    elif cfg.model_type == "paligemma":
+        s.update(Dv=v.hidden_size, Iv=batch["pixel_values"].shape[0], Tv=v.num_patches, Tf=v.num_patches,
+                 Tp=v.num_patches, Df=v.hidden_size)
     else:
         tv = v.num_patches + 1
         tf = tv - 1 if cfg.vision_feature_select_strategy == "default" else tv

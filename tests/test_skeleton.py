@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from vlmjax.config import CLIPVisionConfig, DecoderConfig, LlavaConfig, RopeConfig
-from vlmjax.models import llava, llava_next, qwen2_5_vl, qwen2_vl, vlm
+from vlmjax.models import llava, llava_next, paligemma, qwen2_5_vl, qwen2_vl, vlm
 
 
 def text_config(layers: int, **changes) -> DecoderConfig:
@@ -32,6 +32,15 @@ def config(family: str, layers: int):
         base = config("qwen2_vl", layers)
         vision = qwen2_5_vl.Qwen2_5VLVisionConfig(**vars(base.vision), window_size=8, full_attention_layers=(1,))
         return qwen2_5_vl.Qwen2_5VLConfig(vision=vision, text=base.text, image_token_id=63)
+    if family == "paligemma":  # Gemma 2: sandwich norms, soft-caps, alternating sliding layers
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=layers, num_heads=2, image_size=28,
+                                  patch_size=14, hidden_act="gelu_pytorch_tanh")
+        fields = {f.name: getattr(text_config(layers), f.name) for f in dataclasses.fields(DecoderConfig)}
+        fields.update(model_type="gemma2", sliding_window=4, norm_offset=1.0, final_logit_softcap=30.0,
+                      tie_word_embeddings=True)
+        text = paligemma.GemmaConfig(**fields, attn_logit_softcap=50.0, sandwich_norms=True,
+                                     layer_sliding=tuple(i % 2 == 0 for i in range(layers)))
+        return paligemma.PaliGemmaConfig(vision=vision, text=text, image_token_id=63)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=layers, num_heads=2, image_size=28,
                               patch_size=14)
     base = LlavaConfig(vision=vision, text=text_config(layers), image_token_id=63, vision_feature_layers=(-2,),
@@ -52,6 +61,8 @@ def abstract_batch(family: str, cfg) -> dict:
                 "pixel_values": spec((32, v.patch_dim), jnp.float32), "vision_segment_ids": spec((32,)),
                 "vision_positions": spec((32, 2)), "vision_window_order": spec((32,)),
                 "vision_window_ids": spec((32,))}
+    if family == "paligemma":
+        batch["token_type_ids"] = spec((2, 16))
     batch["pixel_values"] = spec((3 if family == "llava_next" else 2, 3, 28, 28), jnp.float32)
     if family == "llava_next":
         batch["image_feature_index"] = spec((2, 16))
@@ -67,13 +78,13 @@ def lowered_ops(family: str, layers: int) -> int:
     return len(re.findall(r"\bstablehlo\.[a-z_]+", text))
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma"])
 def test_the_compiled_forward_does_not_grow_with_depth(family):
     shallow, deep = lowered_ops(family, 2), lowered_ops(family, 16)
     assert shallow > 100 and deep <= 1.1 * shallow, (shallow, deep)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma"])
 def test_the_module_state_is_the_params_dict(family):
     """The module tree's Param state, as a pure dict, is the params pytree (same paths, shapes), and binding params
     to the module hands back the very same arrays; every param has a row in the family's HF key table."""
@@ -86,7 +97,8 @@ def test_the_module_state_is_the_params_dict(family):
         params["text"]["layers"]["q"]["kernel"]
     back = nnx.to_pure_dict(nnx.state(module))
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, back, params))
-    family_rows = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}[family].KEY_ROWS
+    family_rows = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
+                   "paligemma": paligemma}[family].KEY_ROWS
     table = {path for _, path, _ in family_rows}
     flat = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert flat <= table
