@@ -189,9 +189,10 @@ def test_logit_lens_and_dola_read_gemmas_head(tiny, padded):
     np.testing.assert_array_equal(np.asarray(lens["top_ids"])[-1, :, 0], np.argsort(-probs, -1)[:, :3])
     np.testing.assert_allclose(np.asarray(lens["top_probs"])[-1, :, 0], np.sort(probs, -1)[:, ::-1][:, :3], atol=1e-5)
     text, cfg = model.params["text"], model.config.text
-    scores, _ = jax.jit(dola_scores, static_argnames=("eps", "norm_offset", "softcap"))(np.asarray(ours["logits"])[:, -1], np.asarray(ours["resid_final"])[None, :, -1],
-                            text["final_norm"]["scale"], unembed_matrix(text), eps=cfg.rms_norm_eps,
-                            norm_offset=cfg.norm_offset, softcap=cfg.final_logit_softcap)
+    contrast = jax.jit(dola_scores, static_argnames=("eps", "norm_offset", "softcap"))
+    scores, _ = contrast(np.asarray(ours["logits"])[:, -1], np.asarray(ours["resid_final"])[None, :, -1],
+                         text["final_norm"]["scale"], unembed_matrix(text), eps=cfg.rms_norm_eps,
+                         norm_offset=cfg.norm_offset, softcap=cfg.final_logit_softcap)
     finite = np.isfinite(np.asarray(scores))
     assert finite.sum() >= 2 and np.abs(np.asarray(scores)[finite]).max() < 1e-4
 
