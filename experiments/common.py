@@ -30,7 +30,8 @@ DEFAULT_MODEL = "builtin:llava-shapes"  # the lead switches this to "builtin:lla
 # The token sets every study uses (docs/methods.md notation), stated in each summary.
 VISUAL_TOKENS = "V: the positions holding the config's image token id, per sample (from the input ids)"
 TEXT_AFTER_IMAGE = "T: the real tokens after the sample's last visual token"
-LAST_QUERY = "the sample's last real token (the prompt ends with 'ASSISTANT:'; left padding), which predicts the answer"
+LAST_QUERY = ("the sample's last real token (the prompt ends with 'ASSISTANT:', to which PaliGemma's processor adds a "
+              "newline; left padding), which predicts the answer")
 
 # Config keys that do not change a question's numbers (the fingerprint leaves them out: the model and the data have
 # fingerprints of their own, n_images only makes the data), and keys naming decoder layers.
