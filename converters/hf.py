@@ -170,7 +170,7 @@ def save_hf(params: dict, cfg, hf_config, out_dir: str | os.PathLike, source_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = model_module(cfg)
-    keymap = KeyMap(module.KEY_ROWS)
+    keymap = KeyMap(module.KEY_ROWS, cfg)
     flat = flatten(jax.tree.map(np.asarray, params))
     conv_shape = module.conv_kernel_shape(cfg)
     tensors = {}
