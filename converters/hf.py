@@ -158,7 +158,8 @@ def _stacked(path: str) -> bool:
 def _describe(keymap: KeyMap, path: str, layers) -> str:
     template = next(t for t, p, _ in keymap.rows if p == path)
     if "{i}" in template:
-        return template.replace("{i}", str(list(layers)) if len(layers) > 1 else str(layers[0]))
+        layers = [keymap.hf_layer(path, slot) for slot in layers]
+        return template.replace("{i}", str(layers) if len(layers) > 1 else str(layers[0]))
     return template
 
 

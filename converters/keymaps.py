@@ -69,6 +69,10 @@ class KeyMap:
                     return path, self._hf_layers[path].index(layer), transform
         return None
 
+    def hf_layer(self, path: str, slot: int) -> int:
+        """The HF layer number of a stacked path's slot."""
+        return self._hf_layers[path][slot] if path in self._hf_layers else slot
+
     def hf_keys(self, path: str, num_layers: int | None):
         """The HF keys of one vlmjax path: one per layer slot for stacked paths, as (key, slot, transform)."""
         for template, p, transform in self.rows:

@@ -16,6 +16,7 @@ from vlmjax.eval.run import answer_token_ids, shapes_image_size
 from vlmjax import load_processor
 from vlmjax.verify import load_hf_model, run_hf
 from vlmjax.testing.tiny import make_tiny_llava
+from vlmjax.testing.tiny_instructblip import make_tiny_instructblip
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
@@ -25,7 +26,8 @@ POPE = {"pope_test_random": 2, "pope_test_popular": 2, "pope_test_adversarial": 
 HARD = {**POPE, "count_test": 2, "attribute_test": 2}  # the built-in vocabulary has every answer word
 BUILDERS = {"llava": lambda p: make_tiny_llava(p, variant="gqa", text_layers=4),
             "llava_next": lambda p: make_tiny_llava_next(p, text_layers=4),
-            "qwen2_vl": lambda p: make_tiny_qwen2_vl(p, text_layers=4)}
+            "qwen2_vl": lambda p: make_tiny_qwen2_vl(p, text_layers=4),
+            "instructblip": lambda p: make_tiny_instructblip(p, text_layers=4)}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def check_summary(name, summary, config):
         assert len(summary["accuracy_random_dims_ablated"]) == 2
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "builtin"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "instructblip", "builtin"])
 def test_every_study_runs_on_every_family(models, family, tmp_path):
     for name, study in STUDIES.items():
         config = config_for(name, family, models, tmp_path / name)

@@ -6,11 +6,13 @@ trip to HF and `vlmjax convert`, clear errors."""
 from typing import ClassVar
 
 import jax.numpy as jnp
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import vlmjax
 from converters import hf as hf_conv
@@ -204,3 +206,17 @@ def test_errors_name_the_problem(tiny):
         model.prepare({k: v for k, v in inputs.items() if not k.startswith("qformer")})
     with pytest.raises(VlmJaxError, match="outside the Q-Former vocabulary"):
         model.prepare({**inputs, "qformer_input_ids": inputs["qformer_input_ids"] + 1000})
+
+
+def test_key_table_maps_cross_attention_to_its_hf_layers(tiny, tmp_path):
+    """A missing cross-attention tensor is named at its HF layer (2, slot 1); one at a layer without
+    cross-attention is unexpected."""
+    tensors = load_file(tiny["path"] / "model.safetensors")
+    key = "qformer.encoder.layer.{}.crossattention.output.dense.weight"
+    tensors[key.format(1)] = tensors.pop(key.format(2))
+    (tmp_path / "m").mkdir()
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    shutil.copy(tiny["path"] / "config.json", tmp_path / "m" / "config.json")
+    with pytest.raises(VlmJaxError, match=rf"missing tensors: \['{key.format(2)}'\]; unexpected tensors: "
+                                          rf"\['{key.format(1)}'\]"):
+        vlmjax.load(tmp_path / "m", progress=False)
