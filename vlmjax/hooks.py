@@ -2,7 +2,8 @@
 
 Every model calls `site(name, value)` at the canonical points of its forward pass (see `BLOCK_SITES` and
 `GLOBAL_SITES`; the full name of a block site is `blocks.{l}.{name}` for the decoder and
-`vision.blocks.{l}.{name}` for the vision tower, whose blocks call `VISION_BLOCK_SITES`). docs/sites.md lists them
+`vision.blocks.{l}.{name}` for the vision tower, whose blocks call `VISION_BLOCK_SITES`; InstructBLIP's Q-Former:
+`qformer.blocks.{l}.{name}`, `QFORMER_BLOCK_SITES`, and its global `QFORMER_SITES`). docs/sites.md lists them
 with their shapes (tests/test_docs.py checks the table against what each family's forward calls). A hook is a pytree (a `flax.struct` dataclass): its array fields
 are traced, so one compiled forward serves every value of them (sweeps under `jax.vmap`, gradients with respect to
 them), and its fields listed in `per_layer` carry a leading layer axis that the layer scan slices, so each layer
