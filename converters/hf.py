@@ -27,6 +27,7 @@ PROCESSOR_FILES = (
     "merges.txt", "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
     "chat_template.jinja", "generation_config.json",
 )
+PROCESSOR_DIRS = ("qformer_tokenizer",)  # InstructBLIP's processor keeps its Q-Former tokenizer in a subfolder
 
 
 def read_hf_config(path: str | os.PathLike):
@@ -157,7 +158,8 @@ def _stacked(path: str) -> bool:
 def _describe(keymap: KeyMap, path: str, layers) -> str:
     template = next(t for t, p, _ in keymap.rows if p == path)
     if "{i}" in template:
-        return template.replace("{i}", str(list(layers)) if len(layers) > 1 else str(layers[0]))
+        layers = [keymap.hf_layer(path, slot) for slot in layers]
+        return template.replace("{i}", str(layers) if len(layers) > 1 else str(layers[0]))
     return template
 
 
@@ -170,7 +172,7 @@ def save_hf(params: dict, cfg, hf_config, out_dir: str | os.PathLike, source_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = model_module(cfg)
-    keymap = KeyMap(module.KEY_ROWS)
+    keymap = KeyMap(module.KEY_ROWS, cfg)
     flat = flatten(jax.tree.map(np.asarray, params))
     conv_shape = module.conv_kernel_shape(cfg)
     tensors = {}
@@ -208,7 +210,13 @@ def save_hf(params: dict, cfg, hf_config, out_dir: str | os.PathLike, source_dir
 
 
 def copy_processor_files(source_dir, out_dir):
+    if Path(source_dir).resolve() == Path(out_dir).resolve():
+        return
     for name in PROCESSOR_FILES:
         src = Path(source_dir) / name
-        if src.is_file() and Path(source_dir).resolve() != Path(out_dir).resolve():
+        if src.is_file():
             shutil.copy2(src, Path(out_dir) / name)
+    for name in PROCESSOR_DIRS:
+        src = Path(source_dir) / name
+        if src.is_dir():
+            shutil.copytree(src, Path(out_dir) / name, dirs_exist_ok=True)

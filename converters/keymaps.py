@@ -1,8 +1,11 @@
 """HF checkpoint key <-> vlmjax parameter path lookup over a family's key table (`KEY_ROWS` in its model file).
 
-Each row is (HF key template in the newest layout, vlmjax path, transform). `{i}` is a layer index: those rows
-fill one slot of a stacked [L, ...] array. Older layouts are rewritten to the newest by `CANONICAL_PREFIXES`
-before lookup, so both `language_model.model.*` (transformers < 4.52) and `model.language_model.*` load.
+Each row is (HF key template, vlmjax path, transform), the template in the layout the family's HF class writes
+(the newest where there are several). `{i}` is a layer index: those rows fill one slot of a stacked [L, ...] array,
+slot i; a row may add a fourth entry, `layers(cfg)` -> the HF layer numbers of its slots, for a path stacked over
+some layers only (InstructBLIP's Q-Former cross-attention, every `cross_attention_frequency`-th layer). Keys and
+templates are both rewritten by `CANONICAL_PREFIXES` before they are compared, so both `language_model.model.*`
+(transformers < 4.52) and `model.language_model.*` load.
 Transforms: "linear" (torch [out, in] <-> [in, out]), "conv" (Conv2d [D, C, p, p] <-> [C*p*p, D], and
 Conv3d [D, C, T, p, p] <-> [C*T*p*p, D]), "none".
 """
@@ -39,28 +42,43 @@ def is_ignored(key: str) -> bool:
 
 
 class KeyMap:
-    """Lookup both ways for one family's table."""
+    """Lookup both ways for one family's table (`cfg` gives the HF layer numbers of rows that name them)."""
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, rows, cfg=None):
+        if cfg is None and any(len(row) > 3 for row in rows):
+            raise ValueError("This key table stacks some paths over chosen layers: pass the model config to KeyMap.")
+        self.rows = tuple(row[:3] for row in rows)
+        self._hf_layers = {row[1]: tuple(row[3](cfg)) for row in rows if len(row) > 3}  # path -> HF layer per slot
         self._patterns = [
-            (re.compile("^" + re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), path, tr) for t, path, tr in rows
+            (re.compile("^" + re.escape(canonical_key(t)).replace(r"\{i\}", r"(\d+)") + "$"), path, tr)
+            for t, path, tr in self.rows
         ]
 
     def lookup(self, hf_key: str):
-        """(path, layer or None, transform) for an HF key in any supported layout, or None if unknown."""
+        """(path, layer slot or None, transform) for an HF key in any supported layout, or None if unknown."""
         key = canonical_key(hf_key)
         for pattern, path, transform in self._patterns:
             m = pattern.match(key)
             if m:
-                return path, (int(m.group(1)) if m.groups() else None), transform
+                if not m.groups():
+                    return path, None, transform
+                layer = int(m.group(1))
+                if path not in self._hf_layers:
+                    return path, layer, transform
+                if layer in self._hf_layers[path]:
+                    return path, self._hf_layers[path].index(layer), transform
         return None
 
+    def hf_layer(self, path: str, slot: int) -> int:
+        """The HF layer number of a stacked path's slot."""
+        return self._hf_layers[path][slot] if path in self._hf_layers else slot
+
     def hf_keys(self, path: str, num_layers: int | None):
-        """The HF keys (newest layout) of one vlmjax path: one per layer for stacked paths."""
+        """The HF keys of one vlmjax path: one per layer slot for stacked paths, as (key, slot, transform)."""
         for template, p, transform in self.rows:
             if p == path:
                 if "{i}" in template:
-                    return [(template.format(i=i), i, transform) for i in range(num_layers)]
+                    layers = self._hf_layers.get(path, range(num_layers))
+                    return [(template.format(i=hf), slot, transform) for slot, hf in enumerate(layers)]
                 return [(template, None, transform)]
         raise KeyError(path)

@@ -85,7 +85,7 @@ def plan(path: str | os.PathLike, cfg) -> dict[str, dict]:
     """{parameter path: {layer (None for an unstacked parameter): (StoredTensor, transform)}}, checked against
     the shapes the config implies, from the headers alone."""
     path = Path(path)
-    keymap = KeyMap(model_module(cfg).KEY_ROWS)
+    keymap = KeyMap(model_module(cfg).KEY_ROWS, cfg)
     shapes = expected_shapes(cfg)
     stored: dict[str, StoredTensor] = {}
     for file in sorted(set(_weight_files(path).values())):

@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 import vlmjax
-from vlmjax.hooks import BLOCK_SITES, GLOBAL_SITES, STACKS, VISION_BLOCK_SITES, Hook, parse_site
+from vlmjax.hooks import (BLOCK_SITES, GLOBAL_SITES, QFORMER_BLOCK_SITES, QFORMER_SITES, STACKS, VISION_BLOCK_SITES,
+                          Hook, parse_site)
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny import make_tiny_llava
+from vlmjax.testing.tiny_instructblip import make_tiny_instructblip
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_paligemma import make_tiny_paligemma
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
@@ -31,16 +33,18 @@ FAMILIES = {  # family: (builder, image placeholder, (height, width) of the two 
     "qwen2_vl": (make_tiny_qwen2_vl, IMAGE_PROMPT, ((56, 56), (56, 84))),  # 16 + 24 patches, padded to 64
     "qwen2_5_vl": (make_tiny_qwen2_5_vl, IMAGE_PROMPT, ((56, 56), (56, 84))),
     "paligemma": (make_tiny_paligemma, "<image>", ((28, 28), (40, 30))),
+    "instructblip": (make_tiny_instructblip, "", ((56, 56), (40, 70))),  # the processor puts the image first
 }
 
 
 def documented_sites() -> dict[str, dict[str, str]]:
-    """{stack: {site: shape}} from the Sites section's tables ("" is the global stack; "—" = not called)."""
+    """{stack: {site: shape}} from the Sites section's tables ("" is the global stack, "qformer" the Q-Former
+    table's global sites; "—" = not called)."""
     section = SITES_MD.read_text().split("## Sites", 1)[1].split("\n## ", 1)[0]
-    table, out = None, {"blocks": {}, "vision.blocks": {}, "": {}}
+    table, out = None, {"blocks": {}, "vision.blocks": {}, "qformer.blocks": {}, "": {}, "qformer": {}}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| Block site") or line.startswith("| Global site"):
+        if line.startswith(("| Block site", "| Global site", "| Q-Former site")):
             table = cells[0]
         elif not line.startswith("| `") or table is None:
             table = table if line.startswith("|") else None
@@ -50,6 +54,8 @@ def documented_sites() -> dict[str, dict[str, str]]:
                     for stack, shape in (("blocks", cells[2]), ("vision.blocks", cells[3])):
                         if shape != "—":
                             out[stack][site] = shape
+                elif table == "Q-Former site":
+                    out["qformer" if site.startswith("qformer.") else "qformer.blocks"][site] = cells[2]
                 else:
                     out[""][site] = cells[2]
     return out
@@ -69,6 +75,10 @@ class VisionSiteRecorder(SiteRecorder):
     stack: ClassVar[str] = "vision.blocks"
 
 
+class QFormerSiteRecorder(SiteRecorder):
+    stack: ClassVar[str] = "qformer.blocks"
+
+
 def symbols(model, batch) -> dict[str, int]:
     """The sizes the tables' shape symbols stand for, from the config and the prepared batch."""
     cfg, t, v = model.config, model.config.text, model.config.vision
@@ -80,6 +90,11 @@ def symbols(model, batch) -> dict[str, int]:
     elif cfg.model_type == "paligemma":
         s.update(Dv=v.hidden_size, Iv=batch["pixel_values"].shape[0], Tv=v.num_patches, Tf=v.num_patches,
                  Tp=v.num_patches, Df=v.hidden_size)
+    elif cfg.model_type == "instructblip":
+        q, queries = cfg.qformer, cfg.num_query_tokens
+        s.update(Dv=v.hidden_size, Iv=batch["pixel_values"].shape[0], Tv=v.num_patches + 1, Tf=v.num_patches + 1,
+                 Df=v.hidden_size, Tp=queries, Q=queries, Nq=queries + batch["qformer_input_ids"].shape[1],
+                 Dq=q.hidden_size, Hq=q.num_heads, hdq=q.hidden_size // q.num_heads, Fq=q.intermediate_size)
     else:
         tv = v.num_patches + 1
         tf = tv - 1 if cfg.vision_feature_select_strategy == "default" else tv
@@ -103,7 +118,7 @@ def emitted(request, tmp_path_factory):
     texts = [f"USER: {placeholder} what ?", f"USER: {placeholder} what is in the image ? ASSISTANT:"]
     batch, _ = model.prepare(dict(processor(images=images, text=texts, return_tensors="np", padding=True)))
     SiteRecorder.seen.clear()
-    hooks = {"decoder": SiteRecorder(), "vision": VisionSiteRecorder()}
+    hooks = {"decoder": SiteRecorder(), "vision": VisionSiteRecorder(), "qformer": QFormerSiteRecorder()}
     jax.eval_shape(lambda params, b: model.forward(params, b, hooks), model.params, batch)
     return request.param, dict(SiteRecorder.seen), symbols(model, batch)
 
@@ -111,14 +126,20 @@ def emitted(request, tmp_path_factory):
 def test_the_site_tables_list_exactly_the_sites_the_forward_calls(emitted):
     family, seen, _ = emitted
     documented = documented_sites()
-    for stack, accepted in (("blocks", BLOCK_SITES), ("vision.blocks", VISION_BLOCK_SITES), ("", GLOBAL_SITES)):
+    expected = {"blocks": BLOCK_SITES, "vision.blocks": VISION_BLOCK_SITES, "": GLOBAL_SITES}
+    if family == "instructblip":  # its Q-Former's stack and global sites, in a table of their own
+        expected.update({"qformer.blocks": QFORMER_BLOCK_SITES, "": GLOBAL_SITES + QFORMER_SITES})
+        documented[""].update(documented["qformer"])
+    assert set(seen) == set(expected), family
+    for stack, accepted in expected.items():
         assert set(seen[stack]) == set(documented[stack]) == set(accepted), (family, stack)
-    assert STACKS == {"blocks": BLOCK_SITES, "vision.blocks": VISION_BLOCK_SITES}
+    assert STACKS == {"blocks": BLOCK_SITES, "vision.blocks": VISION_BLOCK_SITES, "qformer.blocks": QFORMER_BLOCK_SITES}
 
 
 def test_the_site_tables_give_the_shapes_of_the_values(emitted):
     family, seen, sizes = emitted
     documented = documented_sites()
+    documented[""].update(documented["qformer"])
     for stack, sites in seen.items():
         for site, shapes in sites.items():
             assert shapes == {evaluate(documented[stack][site], sizes)}, (family, stack, site, shapes)

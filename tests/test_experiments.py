@@ -16,6 +16,7 @@ from vlmjax.eval.run import answer_token_ids, shapes_image_size
 from vlmjax import load_processor
 from vlmjax.verify import load_hf_model, run_hf
 from vlmjax.testing.tiny import make_tiny_llava
+from vlmjax.testing.tiny_instructblip import make_tiny_instructblip
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_paligemma import make_tiny_paligemma
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
@@ -29,7 +30,8 @@ BUILDERS = {"llava": lambda p: make_tiny_llava(p, variant="gqa", text_layers=4),
             "llava_next": lambda p: make_tiny_llava_next(p, text_layers=4),
             "qwen2_vl": lambda p: make_tiny_qwen2_vl(p, text_layers=4),
             "qwen2_5_vl": lambda p: make_tiny_qwen2_5_vl(p, text_layers=4),
-            "paligemma": lambda p: make_tiny_paligemma(p, text_layers=4)}
+            "paligemma": lambda p: make_tiny_paligemma(p, text_layers=4),
+            "instructblip": lambda p: make_tiny_instructblip(p, text_layers=4)}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def check_summary(name, summary, config):
         assert len(summary["accuracy_random_dims_ablated"]) == 2
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "builtin"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "instructblip", "builtin"])
 def test_every_study_runs_on_every_family(models, family, tmp_path):
     for name, study in STUDIES.items():
         config = config_for(name, family, models, tmp_path / name)

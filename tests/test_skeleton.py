@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from vlmjax.config import CLIPVisionConfig, DecoderConfig, LlavaConfig, RopeConfig
-from vlmjax.models import llava, llava_next, paligemma, qwen2_5_vl, qwen2_vl, vlm
+from vlmjax.models import instructblip, llava, llava_next, paligemma, qwen2_5_vl, qwen2_vl, vlm
 
 
 def text_config(layers: int, **changes) -> DecoderConfig:
@@ -41,6 +41,13 @@ def config(family: str, layers: int):
         text = paligemma.GemmaConfig(**fields, attn_logit_softcap=50.0, sandwich_norms=True,
                                      layer_sliding=tuple(i % 2 == 0 for i in range(layers)))
         return paligemma.PaliGemmaConfig(vision=vision, text=text, image_token_id=63)
+    if family == "instructblip":  # `layers` Q-Former layers too, cross-attention every 2
+        vision = instructblip.BlipVisionConfig(hidden_size=16, intermediate_size=32, num_layers=layers, num_heads=2,
+                                               image_size=28, patch_size=14)
+        qformer = instructblip.QFormerConfig(hidden_size=16, intermediate_size=32, num_layers=layers, num_heads=2,
+                                             vocab_size=40, max_position_embeddings=32, encoder_hidden_size=16)
+        return instructblip.InstructBlipConfig(vision=vision, qformer=qformer, text=text_config(layers),
+                                               image_token_id=63, num_query_tokens=4)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=layers, num_heads=2, image_size=28,
                               patch_size=14)
     base = LlavaConfig(vision=vision, text=text_config(layers), image_token_id=63, vision_feature_layers=(-2,),
@@ -64,6 +71,8 @@ def abstract_batch(family: str, cfg) -> dict:
     if family == "paligemma":
         batch["token_type_ids"] = spec((2, 16))
     batch["pixel_values"] = spec((3 if family == "llava_next" else 2, 3, 28, 28), jnp.float32)
+    if family == "instructblip":
+        batch.update(qformer_input_ids=spec((2, 6)), qformer_attention_mask=spec((2, 6), jnp.bool_))
     if family == "llava_next":
         batch["image_feature_index"] = spec((2, 16))
     return batch
@@ -78,13 +87,13 @@ def lowered_ops(family: str, layers: int) -> int:
     return len(re.findall(r"\bstablehlo\.[a-z_]+", text))
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "instructblip"])
 def test_the_compiled_forward_does_not_grow_with_depth(family):
     shallow, deep = lowered_ops(family, 2), lowered_ops(family, 16)
     assert shallow > 100 and deep <= 1.1 * shallow, (shallow, deep)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "instructblip"])
 def test_the_module_state_is_the_params_dict(family):
     """The module tree's Param state, as a pure dict, is the params pytree (same paths, shapes), and binding params
     to the module hands back the very same arrays; every param has a row in the family's HF key table."""
@@ -98,8 +107,8 @@ def test_the_module_state_is_the_params_dict(family):
     back = nnx.to_pure_dict(nnx.state(module))
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, back, params))
     family_rows = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
-                   "paligemma": paligemma}[family].KEY_ROWS
-    table = {path for _, path, _ in family_rows}
+                   "paligemma": paligemma, "instructblip": instructblip}[family].KEY_ROWS
+    table = {row[1] for row in family_rows}
     flat = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert flat <= table
 

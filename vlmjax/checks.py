@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import BLOCK_SITES, GLOBAL_SITES, Capture, Hook
+from vlmjax.hooks import BLOCK_SITES, GLOBAL_SITES, QFORMER_SITES, STACKS, Capture, Hook
 
 DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16"}
@@ -59,14 +59,14 @@ def _concrete(x) -> bool:
 
 
 def _check_sites(name: str, hook: Hook) -> None:
-    valid = BLOCK_SITES + (GLOBAL_SITES if isinstance(hook, Capture) else ())
+    valid = STACKS[hook.stack] + ((*GLOBAL_SITES, *QFORMER_SITES) if isinstance(hook, Capture) else ())
     sites = getattr(hook, "sites", None) or ()
     if isinstance(getattr(hook, "site", None), str):
         sites = (*sites, hook.site)
     for site in sites:
         if site not in valid:
             full = " (a full name like blocks.3.resid_post goes to vlmjax.probes.capture)" if "." in site and \
-                site.split(".")[0] in ("blocks", "vision") else ""
+                site.split(".")[0] in ("blocks", "vision", "qformer") else ""
             raise VlmJaxError(f"Hook {name!r}: unknown site {site!r}{full}.{nearest(site, valid, 'sites')}")
 
 
@@ -169,7 +169,8 @@ def _first_bad(records: Mapping[str, Any]):
                     return f"{prefix}.{layer}.{site}", layer, np.flatnonzero(~np.asarray(recs[site][layer]))
         return None
 
-    order = [("vision.embed",), ("vision.blocks", vision), ("vision.features",), ("projector.out",), ("embed",),
+    order = [("vision.embed",), ("vision.blocks", vision), ("vision.features",), ("qformer.embed",), ("qformer.out",),
+             ("projector.out",), ("embed",),
              ("blocks", text), ("final_norm",), ("logits",)]
     for entry in order:
         if len(entry) == 2:

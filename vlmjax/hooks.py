@@ -2,7 +2,8 @@
 
 Every model calls `site(name, value)` at the canonical points of its forward pass (see `BLOCK_SITES` and
 `GLOBAL_SITES`; the full name of a block site is `blocks.{l}.{name}` for the decoder and
-`vision.blocks.{l}.{name}` for the vision tower, whose blocks call `VISION_BLOCK_SITES`). docs/sites.md lists them
+`vision.blocks.{l}.{name}` for the vision tower, whose blocks call `VISION_BLOCK_SITES`; InstructBLIP's Q-Former:
+`qformer.blocks.{l}.{name}`, `QFORMER_BLOCK_SITES`, and its global `QFORMER_SITES`). docs/sites.md lists them
 with their shapes (tests/test_docs.py checks the table against what each family's forward calls). A hook is a pytree (a `flax.struct` dataclass): its array fields
 are traced, so one compiled forward serves every value of them (sweeps under `jax.vmap`, gradients with respect to
 them), and its fields listed in `per_layer` carry a leading layer axis that the layer scan slices, so each layer
@@ -54,7 +55,27 @@ GLOBAL_SITES = (
 # The vision towers call every block site but `attn.rot_k`: CLIP has no rotary, and Qwen2-VL's vision rotary feeds
 # only its own attention (no KV cache, no metric reads it).
 VISION_BLOCK_SITES = tuple(s for s in BLOCK_SITES if s != "attn.rot_k")
-STACKS = {"blocks": BLOCK_SITES, "vision.blocks": VISION_BLOCK_SITES}  # each layer stack -> the sites its blocks call
+# InstructBLIP's Q-Former (`qformer.blocks.{l}.*`, BERT-style post-norm: no attn.input, no rotary), whose query rows
+# also cross-attend to the image at every `cross_attention_frequency`-th layer (the crossattn.* sites and resid_cross
+# run at those layers only; their records are zero at the others).
+QFORMER_BLOCK_SITES = (
+    "resid_pre", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.out", "resid_mid",
+    "crossattn.q",  # queries of the cross-attention (the learned-query rows) [I, Q, Hq, hdq]
+    "crossattn.k",  # keys from the vision features [I, Tv, Hq, hdq]
+    "crossattn.v",  # values from the vision features [I, Tv, Hq, hdq]
+    "crossattn.scores",  # pre-softmax scores [I, Hq, Q, Tv]
+    "crossattn.pattern",  # post-softmax attention of each query over the image tokens [I, Hq, Q, Tv]
+    "crossattn.z",  # per-head mixed values [I, Q, Hq, hdq]
+    "crossattn.out",  # the cross-attention update [I, Q, Dq]
+    "resid_cross",  # residual after cross-attention (query rows updated, text rows = resid_mid) [I, Nq, Dq]
+    "mlp.hidden", "mlp.out", "resid_post",
+)
+QFORMER_SITES = (
+    "qformer.embed",  # Q-Former input: the learned queries, then the instruction's embeddings, layer-normed [I, Nq, Dq]
+    "qformer.out",  # the query rows of the last Q-Former layer, fed to the language projection [I, Q, Dq]
+)
+# each layer stack -> the sites its blocks call
+STACKS = {"blocks": BLOCK_SITES, "vision.blocks": VISION_BLOCK_SITES, "qformer.blocks": QFORMER_BLOCK_SITES}
 
 
 @struct.dataclass
@@ -94,6 +115,12 @@ class VisionCapture(Capture):
     """Capture on the vision tower's blocks (`vision.blocks.{l}.*`)."""
 
     stack: ClassVar[str] = "vision.blocks"
+
+
+class QFormerCapture(Capture):
+    """Capture on InstructBLIP's Q-Former blocks (`qformer.blocks.{l}.*`)."""
+
+    stack: ClassVar[str] = "qformer.blocks"
 
 
 class SiteRunner:
@@ -163,7 +190,7 @@ def parse_site(name: str, num_layers: Mapping[str, int]) -> tuple[str, int | Non
     """'blocks.3.attn.pattern' -> ('blocks', 3, 'attn.pattern'); 'logits' -> ('', None, 'logits').
 
     Raises a clear error naming the nearest valid site for a typo or an out-of-range layer."""
-    if name in GLOBAL_SITES:
+    if name in GLOBAL_SITES + QFORMER_SITES:
         return "", None, name
     for stack in sorted(STACKS, key=len, reverse=True):
         prefix = stack + "."
@@ -177,11 +204,13 @@ def parse_site(name: str, num_layers: Mapping[str, int]) -> tuple[str, int | Non
                     raise VlmJaxError(f"Site {name!r}: layer {layer} out of range; {stack} has layers 0..{n - 1}.")
                 return stack, layer, site
             break
-    examples = list(GLOBAL_SITES) + [f"{s}.0.{b}" for s, sites in STACKS.items() for b in sites]
+    examples = [*GLOBAL_SITES, *QFORMER_SITES] + [f"{s}.0.{b}" for s, sites in STACKS.items() for b in sites]
     close = difflib.get_close_matches(name, examples, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise VlmJaxError(f"Unknown site {name!r}.{hint} Valid: {', '.join(GLOBAL_SITES)}, or blocks.<l>.<site> with "
-                      f"<site> in {', '.join(BLOCK_SITES)}, or vision.blocks.<l>.<site> with the same but attn.rot_k.")
+                      f"<site> in {', '.join(BLOCK_SITES)}, or vision.blocks.<l>.<site> with the same but attn.rot_k "
+                      f"(InstructBLIP also: {', '.join(QFORMER_SITES)}, qformer.blocks.<l>.<site> with <site> in "
+                      f"{', '.join(QFORMER_BLOCK_SITES)}).")
 
 
 

@@ -43,7 +43,9 @@ def text_batch(inputs: dict, vocab_size: int, image_token_ids: tuple[int, ...], 
 def image_placeholder(processor) -> str:
     """What a prompt writes for one image: the processor's image token (LLaVA's ``<image>``), wrapped for Qwen2-VL in
     ``<|vision_start|>`` ... ``<|vision_end|>`` as its chat template does (its M-RoPE positions find images by the
-    vision-start token)."""
+    vision-start token); nothing for InstructBLIP, whose processor puts the image's tokens before the prompt."""
+    if hasattr(processor, "qformer_tokenizer"):
+        return ""
     token = getattr(processor, "image_token", "<image>")
     if token == "<|image_pad|>":
         return "<|vision_start|>" + token + "<|vision_end|>"

@@ -57,6 +57,24 @@ def build_tokenizer(out_dir: str | Path | None = None, extra_words=()):
     return fast
 
 
+def build_qformer_tokenizer(extra_words=()):
+    """A BERT-style fast tokenizer for InstructBLIP's Q-Former (lower-cased words, [CLS] text [SEP], [PAD] = 0,
+    right padding), over the same words as `build_tokenizer`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    words = dict.fromkeys(w.lower() for w in (*WORDS, *extra_words))
+    vocab = {t: i for i, t in enumerate((*special, *words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right")
+
+
 def _image_qwen2_vl_processor_class():
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin

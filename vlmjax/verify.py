@@ -20,13 +20,14 @@ def example_inputs(path, num_images: int = 2, seed: int = 0):
     """(processor, processor outputs) for a left-padded batch of `num_images` prompts, each with one random image."""
     from PIL import Image
 
+    from vlmjax.inputs import image_placeholder
     from vlmjax.processors import load_processor
 
     processor = load_processor(path)
     rng = np.random.default_rng(seed)
     images = [Image.fromarray((rng.random((*EXAMPLE_SIZES[i % 3], 3)) * 255).astype("uint8"))
               for i in range(num_images)]
-    token = getattr(processor, "image_token", "<image>")
+    token = image_placeholder(processor)
     texts = [f"USER: {token} what is in the image ? ASSISTANT:",
              f"USER: {token} how many red circle are there in the box ? yes or no ? ASSISTANT: the"][:num_images]
     if hasattr(processor, "tokenizer"):
@@ -55,8 +56,9 @@ def run_hf(model, inputs: dict) -> dict:
     with torch.no_grad():
         out = model(**feed, output_hidden_states=True, output_attentions=True)
     f = lambda t: t.float().numpy()
-    return {"logits": f(out.logits), "hidden_states": [f(h) for h in out.hidden_states],
-            "attentions": [f(a) for a in out.attentions]}
+    text = getattr(out, "language_model_outputs", None) or out  # InstructBLIP nests its decoder's outputs
+    return {"logits": f(out.logits), "hidden_states": [f(h) for h in text.hidden_states],
+            "attentions": [f(a) for a in text.attentions]}
 
 
 @dataclasses.dataclass

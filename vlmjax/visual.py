@@ -14,8 +14,9 @@ from vlmjax.errors import VlmJaxError
 
 TEXT, PATCH, CLS = 0, 1, 2
 BASE, CROP, NEWLINE = 3, 4, 5  # LLaVA-NeXT: base-image patch, crop-mosaic patch, row-end newline
-KIND_NAMES = {TEXT: "text", PATCH: "patch", CLS: "cls", BASE: "base", CROP: "crop", NEWLINE: "newline"}
-GRID_KINDS = (PATCH, BASE)  # the tokens of an image's own patch grid (LLaVA-NeXT's crops lie on another)
+QUERY = 6  # InstructBLIP: a Q-Former query output (no image position; laid on a 1 x Q line by query index)
+KIND_NAMES = {TEXT: "text", PATCH: "patch", CLS: "cls", BASE: "base", CROP: "crop", NEWLINE: "newline", QUERY: "query"}
+GRID_KINDS = (PATCH, BASE, QUERY)  # the tokens of an image's own grid (LLaVA-NeXT's crops lie on another)
 
 
 @dataclasses.dataclass
@@ -24,7 +25,8 @@ class ImageSpan:
     start: int  # first token position
     length: int  # number of visual tokens
     grid: tuple[int, ...]  # patch grid (rows, cols) of its patch tokens (LLaVA-NeXT: of its base-image tokens;
-    # Qwen2-VL: (t, rows, cols) of its merged grid) -- the last two entries are always (rows, cols)
+    # Qwen2-VL: (t, rows, cols) of its merged grid; InstructBLIP: (1, Q), its queries by index) -- the last two
+    # entries are always (rows, cols)
     crop_grid: tuple[int, int] | None = None  # LLaVA-NeXT: (rows, cols) of the unpadded crop mosaic
 
 
@@ -34,7 +36,7 @@ class VisualTokens:
     image_index: np.ndarray  # [B, N] int32, index into pixel_values' images, -1 for text
     grid_row: np.ndarray  # [B, N] int32 patch row (in its grid: base or crop mosaic), -1 where not a patch
     grid_col: np.ndarray  # [B, N] int32
-    kind: np.ndarray  # [B, N] int8: TEXT, PATCH, CLS (LLaVA), BASE, CROP, NEWLINE (LLaVA-NeXT)
+    kind: np.ndarray  # [B, N] int8: TEXT, PATCH, CLS (LLaVA), BASE, CROP, NEWLINE (LLaVA-NeXT), QUERY (InstructBLIP)
     images: list[ImageSpan]
 
     def positions(self, sample: int) -> np.ndarray:

@@ -4,10 +4,10 @@ generic:
 
 - `Model`: its Flax NNX top-level module (a `vlm.VisionLanguageModel`: vision tower, projector, merge and rotary)
 - `config_from_hf(hf_config)` -> frozen config dataclass (hashable: a static jit argument)
-- `KEY_ROWS` -> HF key table (see converters/keymaps.py) and `conv_kernel_shape(cfg)` -> HF shape of its patch conv
+- `KEY_ROWS` -> HF key table (see converters/keymaps.py; rows may map layers, given the config) and `conv_kernel_shape(cfg)` -> HF shape of its patch conv
 - `prepare_batch(cfg, inputs, dtype)` -> (batch of numpy arrays, VisualTokens): checks processor outputs
 - `decode_start(batch)` -> (prefill batch, first decode positions): HF's generation positions
-- `num_layers(cfg)` -> {"blocks": L, "vision.blocks": Lv}; optionally `check_dtype(cfg, dtype)`
+- `num_layers(cfg)` -> {"blocks": L, "vision.blocks": Lv} (InstructBLIP also "qformer.blocks": Lq); optionally `check_dtype(cfg, dtype)`
 
 Shared building blocks: `layers.py` (parameter modules, attention with sites, rotary, the layer scan),
 `decoder.py` (the Llama-family decoder), `clip.py` (the CLIP vision tower).
@@ -25,6 +25,7 @@ FAMILIES = {
     "qwen2_vl": "vlmjax.models.qwen2_vl",
     "qwen2_5_vl": "vlmjax.models.qwen2_5_vl",
     "paligemma": "vlmjax.models.paligemma",
+    "instructblip": "vlmjax.models.instructblip",
 }
 
 

@@ -13,6 +13,7 @@ from vlmjax.metrics import (block_mean, box_to_token_mask, concentration, head_d
                             region_mass, visual_fraction, visual_fraction_per_head, visual_mass)
 from vlmjax.probes.token_sets import (first_query, last_position, mean_query_row, one_hot_query, query_index_or_last,
                                       text_after_image)
+from vlmjax.visual import QUERY
 
 
 class VisualAttention(Hook):
@@ -67,6 +68,10 @@ class VisualHeadAttention(Hook):
     def with_boxes(cls, boxes, meta, image_size_hw, query_index=None, mode: str = "centre"):
         """Region = the patch tokens whose cell lies in each sample's pixel box (x0, y0, x1, y1) of the preprocessed
         image (`vlmjax.metrics.box_to_token_mask`, same `mode`). One image per sample."""
+        if (meta.kind == QUERY).any():
+            raise VlmJaxError("VisualHeadAttention.with_boxes: this model's visual tokens are Q-Former queries "
+                              "(InstructBLIP), which have no position in the image, so a pixel box selects none of "
+                              "them. Pass a region_mask over the query tokens instead.")
         rows, cols, grid = meta.single_patch_grid("VisualHeadAttention.with_boxes")
         try:
             region = box_to_token_mask(boxes, image_size_hw, rows, cols, grid, mode)
