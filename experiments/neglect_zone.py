@@ -42,7 +42,7 @@ CONFIG = Path(__file__).with_suffix(".json")
 # The key columns VIAR biases, by name: the visual keys V (the paper's formula), or the original code's first 576 key
 # columns whatever they hold (BOS and some text included; methods §1) to reproduce a published number.
 BIAS_KEYS = {"visual": None, "first_576_columns": 576}
-CUT_LOGIT = -1e30  # a token VCD's plausibility cut removed (-inf): no probability, yet finite for the scorer
+CUT_LOGIT = -1e30  # a token VCD's plausibility cut removed (-inf): probability 0, yet finite for the scorer
 
 
 def scaled(layer_of_32: float, num_layers: int) -> int:
@@ -82,12 +82,28 @@ def contrast_images(model, inputs: dict, chunk, config: dict) -> np.ndarray:
                            for part, q in zip(np.split(pixels, np.cumsum(sizes)[:-1]), chunk)])
 
 
+def vcd_scores(scorer: AnswerScorer, logits, chunk) -> tuple[dict, np.ndarray]:
+    """First-token scores from VCD's contrasted logits, whose plausibility cut set some tokens to -inf (probability
+    0). Where it cut every spelling of every candidate (the top token was none of them), the candidates count as
+    equally likely (one spelling each at 0): p_yes = 1/2, read as "yes", as the official POPE parse reads an answer
+    without "no". Also returns which questions those were."""
+    logits = np.asarray(logits, np.float64)
+    cut = np.isneginf(logits)
+    spellings = [[scorer.ids[c] for c in q.candidates] for q in chunk]
+    all_cut = np.array([cut[b, sum(ids, [])].all() for b, ids in enumerate(spellings)])
+    logits = np.where(cut, CUT_LOGIT, logits)
+    for b in np.flatnonzero(all_cut):
+        logits[b, [ids[0] for ids in spellings[b]]] = 0.0
+    with np.errstate(over="ignore"):  # a cut answer's odds overflow to inf: its probability, exactly 0
+        return scorer(logits, chunk), all_cut
+
+
 def run(config: dict) -> dict:
+    columns = bias_columns(config["bias_keys"])
     model, processor, questions, out = setup(config)
     num_layers = model.num_layers["blocks"]
     zone = zone_layers(num_layers, config["zone"])
     biases = bias_values(config["biases"])
-    columns = bias_columns(config["bias_keys"])
     flags = jnp.asarray(iv.layer_flags(num_layers, zone), jnp.float32)
     sweep = make_sweep(model, lambda b: {"viar": iv.AttentionBias(b * flags, columns)}, first_layer=zone[0], chunk=1)
     hooks = {"visual": probes.VisualAttention(), "collapse": probes.ResidualUpdateCosine()}
@@ -101,7 +117,7 @@ def run(config: dict) -> dict:
         scores = scorer(np.asarray(sweep(model.params, model.prepare(inputs)[0], biases)["logits"])[:, :, -1], chunk)
         _, vcd = generate(model, inputs, 1, contrast_pixel_values=contrast_images(model, inputs, chunk, config),
                           alpha=config["vcd_alpha"], beta=config["vcd_beta"], return_first_logits=True)
-        vcd = scorer(np.where(np.isneginf(vcd), CUT_LOGIT, vcd), chunk)
+        vcd, all_cut = vcd_scores(scorer, vcd, chunk)
         visual = measured["visual"]["attn.pattern"]
         return [{"visual_fraction": visual["visual_fraction"][:, i].tolist(),
                  "visual_fraction_per_head": visual["visual_fraction_per_head"][:, i].tolist(),
@@ -109,9 +125,11 @@ def run(config: dict) -> dict:
                  "last_query_mass": visual["last_query_mass"][:, i].mean(-1).tolist(),
                  "block_mean": visual["block_mean"][:, i].tolist(),
                  "collapse_cosine": measured["collapse"]["resid_post"][:, i].tolist(),
-                 "by_bias": score_rows(scores, i), "vcd": score_rows(vcd, i)} for i in range(len(chunk))]
+                 "by_bias": score_rows(scores, i), "vcd": {**score_rows(vcd, i), "all_answers_cut": bool(all_cut[i])}}
+                for i in range(len(chunk))]
 
-    records = run_phase(model, out / "records.jsonl", processor, questions, config["batch_size"], "neglect zone", measure)
+    records = run_phase(model, out / "records.jsonl", processor, questions, config["batch_size"], "neglect zone",
+                        measure)
     yes_id = answer_token_ids(processor.tokenizer, "yes")[0]
     gradient_set = [q for q in questions if q.yes_no][: config["gradient_questions"]]
 
@@ -149,77 +167,86 @@ def shifted_p_yes(p_yes, shift: float) -> np.ndarray:
     return expit(logit(np.asarray(p_yes, np.float64)) - shift)
 
 
-def yes_no_row(p_yes, labels, plain_p_yes, seed: int) -> dict:
-    """A condition's yes/no scores: accuracy, yes-ratio, Brier, and both compared with the baseline's."""
+def yes_no_row(p_yes, labels, baseline_p_yes, seed: int) -> dict:
+    """A condition's yes/no scores: accuracy, yes-ratio, Brier and, given the baseline's p(yes), both compared with
+    the baseline's (`versus`)."""
     correct, says = first_token_correct(p_yes, labels), says_yes(p_yes)
-    row = {"accuracy_yes_no": float(correct.mean()), "yes_ratio": float(says.mean()), "brier": brier_score(p_yes, labels)}
-    if plain_p_yes is not None:
-        row["vs_baseline"] = {"accuracy": versus(first_token_correct(plain_p_yes, labels), correct, seed),
-                              "yes_ratio": versus(says_yes(plain_p_yes), says, seed)}
+    row = {"accuracy_yes_no": float(correct.mean()), "yes_ratio": float(says.mean()),
+           "brier": brier_score(p_yes, labels)}
+    if baseline_p_yes is not None:
+        row["vs_baseline"] = {"accuracy": versus(first_token_correct(baseline_p_yes, labels), correct, seed),
+                              "yes_ratio": versus(says_yes(baseline_p_yes), says, seed)}
     return row
+
+
+def answer_conditions(records, by_id: dict, biases: np.ndarray, config: dict) -> dict:
+    """Per bias and for VCD: accuracy over every question; per bias, for VCD and per yes-logit shift, on the yes/no
+    questions, `yes_no_row` against the baseline (bias 0); VIAR (at `viar_bias`) against the shift whose yes-ratio
+    is closest to VIAR's (does VIAR do more than move the threshold?)."""
+    seed = config["bootstrap_seed"]
+    plain = int(np.flatnonzero(biases == 0)[0])
+    correct = np.array([r["by_bias"]["correct"] for r in records])  # [Q, K]
+    per_bias = [{"bias": float(b), "accuracy": float(correct[:, k].mean())} for k, b in enumerate(biases)]
+    vcd = {"alpha": config["vcd_alpha"], "beta": config["vcd_beta"], "noise_step": config["vcd_noise_step"],
+           "all_answers_cut": sum(r["vcd"]["all_answers_cut"] for r in records),
+           "accuracy": float(np.mean([r["vcd"]["correct"] for r in records]))}
+    answered = [r for r in records if by_id[r["id"]].yes_no]
+    if not answered:
+        return {"viar": per_bias, "vcd": vcd, "yes_logit_threshold": [], "threshold_matching_viar": None}
+    labels = [by_id[r["id"]].answer for r in answered]
+    p_yes = np.array([r["by_bias"]["p_yes"] for r in answered])  # [Q, K]
+    baseline = p_yes[:, plain]
+    row = lambda p, compared=True: yes_no_row(p, labels, baseline if compared else None, seed)
+    for k, values in enumerate(per_bias):
+        values.update(row(p_yes[:, k], k != plain))
+    vcd.update(row(np.array([r["vcd"]["p_yes"] for r in answered])))
+    thresholds = [{"shift": float(c), **row(shifted_p_yes(baseline, c), c != 0)} for c in config["yes_logit_shifts"]]
+    matched = None
+    at = np.flatnonzero(biases == config["viar_bias"])
+    if len(at):
+        viar = per_bias[at[0]]
+        closest = min(thresholds, key=lambda t: abs(t["yes_ratio"] - viar["yes_ratio"]))
+        matched = {"shift": closest["shift"], "yes_ratio_gap": closest["yes_ratio"] - viar["yes_ratio"],
+                   "accuracy": versus(first_token_correct(shifted_p_yes(baseline, closest["shift"]), labels),
+                                      first_token_correct(p_yes[:, at[0]], labels), seed)}
+    return {"viar": per_bias, "vcd": vcd, "yes_logit_threshold": thresholds, "threshold_matching_viar": matched}
 
 
 def band(layers: list[int], curves: dict) -> dict | None:
-    """One band of layers (early, zone, late): each curve's mean over its layers, and the visual fraction's range."""
+    """One band of layers (early, zone, late): each curve's mean over its layers ([] curves: None), and the
+    visual fraction's range."""
     if not layers:
         return None
-    row = {"layers": layers, **{k: float(np.mean(np.asarray(v)[layers])) if len(v) else None for k, v in curves.items()}}
-    row["visual_fraction_range"] = [float(np.min(np.asarray(curves["visual_fraction"])[layers])),
-                                    float(np.max(np.asarray(curves["visual_fraction"])[layers]))]
-    return row
+    row = {"layers": layers, **{k: float(np.mean(np.asarray(v)[layers])) if v else None for k, v in curves.items()}}
+    fraction = np.asarray(curves["visual_fraction"])[layers]
+    return {**row, "visual_fraction_range": [float(fraction.min()), float(fraction.max())]}
 
 
 def summarise(records, grads, questions, biases, zone: list[int], config: dict) -> dict:
     """The U-curve, its per-head map and its zone contrast (bootstrap CIs over questions), early / zone / late band
     means, masses, collapse cosine, gradient importance and its fall through the zone (bootstrap CI of the ratio of
-    means); per bias, for VCD and per yes-logit shift: accuracy, yes-ratio, Brier (yes/no questions) and the
-    comparison with the baseline (`versus`); VIAR against the shift of closest yes-ratio; the point-biserial
+    the zone's first to last layer's mean), the answer conditions (`answer_conditions`), the point-biserial
     correlation of correctness (at bias 0) with neglect depth, overall and per layer."""
     by_id = {q.question_id: q for q in questions}
     seed = config["bootstrap_seed"]
     num_layers = len(records[0]["visual_fraction"])
-    plain = int(np.flatnonzero(biases == 0)[0])  # correctness without intervention: the bias-0 run
-    correct = np.array([r["by_bias"]["correct"] for r in records])  # [Q, K]
-    yes_no = np.array([by_id[r["id"]].yes_no for r in records])
-    labels = [by_id[r["id"]].answer for r in records if by_id[r["id"]].yes_no]
-    p_yes = np.array([r["by_bias"]["p_yes"] for r in records if by_id[r["id"]].yes_no]).reshape(-1, len(biases))
+    plain_correct = np.array([r["by_bias"]["correct"][int(np.flatnonzero(biases == 0)[0])] for r in records])
     fraction = np.array([r["visual_fraction"] for r in records])  # [Q, L]
     block = np.array([r["block_mean"] for r in records])
     early = list(range(scaled(2, num_layers), zone[0]))
     late = list(range(zone[-1] + 1, max(zone[-1] + 1, scaled(31, num_layers))))
     contrast = lambda side: (asdict(bootstrap_ci((fraction[:, side].mean(1) - fraction[:, zone].mean(1)),
                                                  seed=seed)) if side else None)
-    per_bias, thresholds, vcd, matched = [], [], None, None
-    vcd_correct = np.array([r["vcd"]["correct"] for r in records])
-    if len(labels):
-        baseline = p_yes[:, plain]
-        for k, b in enumerate(biases):
-            per_bias.append({"bias": float(b), "accuracy": float(correct[:, k].mean()),
-                             **yes_no_row(p_yes[:, k], labels, None if k == plain else baseline, seed)})
-        thresholds = [{"shift": float(c), **yes_no_row(shifted_p_yes(baseline, c), labels, baseline if c else None,
-                                                        seed)} for c in config["yes_logit_shifts"]]
-        vcd_p_yes = np.array([r["vcd"]["p_yes"] for r in records if by_id[r["id"]].yes_no])
-        vcd = yes_no_row(vcd_p_yes, labels, baseline, seed)
-        at = np.flatnonzero(biases == config["viar_bias"])
-        if len(at):
-            viar_p_yes = p_yes[:, at[0]]
-            closest = min(thresholds, key=lambda t: abs(t["yes_ratio"] - says_yes(viar_p_yes).mean()))
-            matched = {"shift": closest["shift"], "yes_ratio_gap": closest["yes_ratio"] - float(says_yes(viar_p_yes).mean()),
-                       "accuracy": versus(first_token_correct(shifted_p_yes(baseline, closest["shift"]), labels),
-                                          first_token_correct(viar_p_yes, labels), seed)}
-    else:
-        per_bias = [{"bias": float(b), "accuracy": float(correct[:, k].mean())} for k, b in enumerate(biases)]
-    vcd = {"alpha": config["vcd_alpha"], "beta": config["vcd_beta"], "noise_step": config["vcd_noise_step"],
-           "accuracy": float(vcd_correct.mean()), **(vcd or {})}
-    depth = block[:, zone].mean(axis=1)
-    r_all, p_all = point_biserial(correct[:, plain], depth)
-    per_layer = [point_biserial(correct[:, plain], block[:, layer]) for layer in range(num_layers)]
+    r_all, p_all = point_biserial(plain_correct, block[:, zone].mean(axis=1))  # neglect depth
+    per_layer = [point_biserial(plain_correct, block[:, layer]) for layer in range(num_layers)]
     mean = lambda key, rows=records: np.mean([r[key] for r in rows], axis=0).tolist() if rows else []
     gradient = np.array([g["gradient_importance"] for g in grads])  # [G, L]
     fall = (asdict(bootstrap_ci((gradient[:, zone[0]], gradient[:, zone[-1]]), lambda a, b: a.mean() / b.mean(),
                                 seed=seed)) if len(grads) else None)
     layer_curves = {"visual_fraction": mean("visual_fraction"), "mass": mean("mass"),
-                    "last_query_mass": mean("last_query_mass"), "gradient_importance": mean("gradient_importance", grads)}
+                    "last_query_mass": mean("last_query_mass"),
+                    "gradient_importance": mean("gradient_importance", grads)}
+    columns = BIAS_KEYS[config["bias_keys"]]
     return {
         "model": config["model"], "questions": len(records), "images": len({q.image_path for q in questions}),
         "tokens": {"visual": VISUAL_TOKENS, "text": TEXT_AFTER_IMAGE,
@@ -227,21 +254,20 @@ def summarise(records, grads, questions, biases, zone: list[int], config: dict) 
                             f"last_query_mass and every answer (each bias, VCD, each yes-logit shift): {LAST_QUERY}, "
                             f"first-token scores; collapse cosine: the queries of T, real vs {config['null_image']} "
                             "image; gradient importance: the yes logit at that query, norms at V",
-                   "bias_keys": f"{config['bias_keys']}: " + ("the visual keys V" if BIAS_KEYS[config["bias_keys"]]
-                                is None else f"key columns 0..{BIAS_KEYS[config['bias_keys']] - 1}, whatever "
-                                "they hold (the original code's convention)")},
+                   "bias_keys": f"{config['bias_keys']}: " + ("the visual keys V" if columns is None else
+                                f"key columns 0..{columns - 1} whatever they hold (the original code's convention)")},
         "baseline": "bias 0 (no intervention); comparisons on the yes/no questions, paired by question",
-        "zone": zone, "early_layers": early, "late_layers": late, "bias_layers": zone, "bias_keys": config["bias_keys"],
+        "zone": zone, "early_layers": early, "late_layers": late, "bias_layers": zone,
         **layer_curves, "visual_fraction_per_head": mean("visual_fraction_per_head"),
-        "bands": {"early": band(early, layer_curves), "zone": band(zone, layer_curves), "late": band(late, layer_curves)},
+        "bands": {name: band(layers, layer_curves) for name, layers in (("early", early), ("zone", zone),
+                                                                        ("late", late))},
         "early_minus_zone": contrast(early), "late_minus_zone": contrast(late),
         "collapse_cosine": mean("collapse_cosine"),
         "collapse_cosine_last_layer": asdict(bootstrap_ci(np.array([r["collapse_cosine"][-1] for r in records]),
                                                           seed=seed)),
         "gradient_questions": len(grads), "gradient_zone_fall": fall,
-        "accuracy": accuracy_by_group(records, correct[:, plain], by_id),
-        "viar": per_bias, "viar_bias": float(config["viar_bias"]), "vcd": vcd,
-        "yes_logit_threshold": thresholds, "threshold_matching_viar": matched,
+        "accuracy": accuracy_by_group(records, plain_correct, by_id),
+        **answer_conditions(records, by_id, biases, config), "viar_bias": float(config["viar_bias"]),
         "neglect_depth_correlation": {"r": float(r_all), "p": float(p_all)},
         "per_layer_correlation": [{"r": float(r), "p": float(p)} for r, p in per_layer],
     }
@@ -254,14 +280,13 @@ def curves(summary: dict) -> dict:
     bands = [summary["bands"][name] for name in ("early", "zone", "late")]
     series = {f"neglect/{key}": summary[key] for key in ("visual_fraction", "mass", "last_query_mass",
                                                            "collapse_cosine", "gradient_importance")}
-    series.update({"heads/visual_fraction_min": heads.min(1).tolist(), "heads/visual_fraction_max": heads.max(1).tolist(),
-                   **{f"bands/{key}": [b[key] if b else None for b in bands]
-                      for key in ("visual_fraction", "mass", "gradient_importance")}})
-    for name, rows in (("viar", summary["viar"]), ("threshold", summary["yes_logit_threshold"]), ("vcd", [summary["vcd"]])):
-        for key in ("accuracy_yes_no", "yes_ratio", "brier"):
+    series["heads/visual_fraction_min"], series["heads/visual_fraction_max"] = heads.min(1), heads.max(1)
+    for key in ("visual_fraction", "mass", "gradient_importance"):
+        series[f"bands/{key}"] = [b[key] if b else None for b in bands]
+    conditions = {"viar": summary["viar"], "threshold": summary["yes_logit_threshold"], "vcd": [summary["vcd"]]}
+    for name, rows in conditions.items():
+        for key in ("accuracy", "accuracy_yes_no", "yes_ratio", "brier"):
             series[f"{name}/{key}"] = [row.get(key) for row in rows]
-    series["viar/accuracy"] = [v["accuracy"] for v in summary["viar"]]
-    series["vcd/accuracy"] = [summary["vcd"]["accuracy"]]
     return series
 
 
