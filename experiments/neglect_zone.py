@@ -225,8 +225,9 @@ def band(layers: list[int], curves: dict) -> dict | None:
 def summarise(records, grads, questions, biases, zone: list[int], config: dict) -> dict:
     """The U-curve, its per-head map and its zone contrast (bootstrap CIs over questions), early / zone / late band
     means, masses, collapse cosine, gradient importance and its fall through the zone (bootstrap CI of the ratio of
-    the zone's first to last layer's mean), the answer conditions (`answer_conditions`), the point-biserial
-    correlation of correctness (at bias 0) with neglect depth, overall and per layer."""
+    the zone's first to last layer's mean; None where the last has a zero), the answer conditions
+    (`answer_conditions`), the point-biserial correlation of correctness (at bias 0) with neglect depth, overall
+    and per layer."""
     by_id = {q.question_id: q for q in questions}
     seed = config["bootstrap_seed"]
     num_layers = len(records[0]["visual_fraction"])
@@ -242,7 +243,7 @@ def summarise(records, grads, questions, biases, zone: list[int], config: dict) 
     mean = lambda key, rows=records: np.mean([r[key] for r in rows], axis=0).tolist() if rows else []
     gradient = np.array([g["gradient_importance"] for g in grads])  # [G, L]
     fall = (asdict(bootstrap_ci((gradient[:, zone[0]], gradient[:, zone[-1]]), lambda a, b: a.mean() / b.mean(),
-                                seed=seed)) if len(grads) else None)
+                                seed=seed)) if len(grads) and (gradient[:, zone[-1]] > 0).all() else None)
     layer_curves = {"visual_fraction": mean("visual_fraction"), "mass": mean("mass"),
                     "last_query_mass": mean("last_query_mass"),
                     "gradient_importance": mean("gradient_importance", grads)}
