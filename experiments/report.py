@@ -86,7 +86,8 @@ def u_curve(s):
 def versus_text(v) -> str:
     """A condition against the baseline (the study's `versus`): McNemar, Cohen's h, power, N80, posterior."""
     m, d = v["mcnemar"], v["difference"]
-    test = f"McNemar {'chi2' if m['method'] == 'chi2' else 'exact'} = {m['statistic']:.3g}, p = {m['p_value']:.3g}"
+    chi2 = f"chi2 = {m['statistic']:.3g}, " if m["method"] == "chi2" else "exact, "
+    test = f"McNemar ({m['only_a_correct']} vs {m['only_b_correct']} discordant; {chi2}p = {m['p_value']:.3g})"
     return (f"{test}; h = {v['cohens_h']:.3f}, power {v['power']:.2f}, N80 = {v['n_for_80_power']:.3g}; "
             f"P(greater) = {pct(v['p_greater'])}, 95% credible [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points")
 
@@ -166,6 +167,8 @@ def gradient_fall(s):
 
 def depth_overall(s):
     c = s["neglect_depth_correlation"]
+    if not np.isfinite(c["p"]):
+        return Verdict(f"r = {c['r']:.3f}", "-", NOT_APPLICABLE, "correctness or depth is constant: r is undefined")
     ok = not c["p"] < ALPHA
     return Verdict(f"r = {c['r']:.3f}", f"p = {c['p']:.3g}", REPRODUCED if ok else NOT_REPRODUCED,
                    "" if ok else "neglect depth correlates significantly with correctness overall")
@@ -176,6 +179,8 @@ def depth_transition(s):
     rows = {l: s["per_layer_correlation"][l] for l in layers}
     best = min(rows, key=lambda l: rows[l]["p"] if np.isfinite(rows[l]["p"]) else 2.0)
     r, p = rows[best]["r"], rows[best]["p"]
+    if not np.isfinite(p):
+        return Verdict(f"layers {layers}", "-", NOT_APPLICABLE, "correctness or depth is constant: r is undefined")
     ok = r < 0 and p < ALPHA
     return Verdict(f"layers {layers}: strongest at layer {best}, r = {r:.3f}", f"p = {p:.3g}",
                    REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "no significant negative correlation there")

@@ -191,7 +191,8 @@ def test_report_rules_decide_from_the_new_statistics():
                   report.gradient_fall):
         assert judge(s).verdict == report.REPRODUCED, judge
     statistic = report.viar_accuracy(s).statistic
-    assert "N80 = 6e+03" in statistic and "P(greater) = 90.0%" in statistic
+    assert "(1 vs 9 discordant; chi2 = 5, p = 0.4)" in statistic and "N80 = 6e+03" in statistic
+    assert "P(greater) = 90.0%" in statistic
     viar["yes_ratio"] = 0.3  # significant, but away from 50%
     assert report.viar_yes_ratio(s).verdict == report.NOT_REPRODUCED
     viar["vs_baseline"]["accuracy"]["mcnemar"]["p_value"] = 0.01
@@ -202,3 +203,7 @@ def test_report_rules_decide_from_the_new_statistics():
     assert report.threshold_equivalence(s).verdict == report.NOT_APPLICABLE
     assert report.viar_yes_ratio({**s, "viar_bias": 5.0}).verdict == report.NOT_APPLICABLE
     assert report.gradient_fall({**s, "gradient_zone_fall": None}).verdict == report.NOT_APPLICABLE
+    undefined = {"neglect_depth_correlation": {"r": math.nan, "p": math.nan},
+                 "per_layer_correlation": [{"r": math.nan, "p": math.nan}] * 32}  # every answer right: no r
+    assert report.depth_overall(undefined).verdict == report.NOT_APPLICABLE
+    assert report.depth_transition(undefined).verdict == report.NOT_APPLICABLE
