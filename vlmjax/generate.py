@@ -23,6 +23,7 @@ from vlmjax.checks import check_hooks
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Hook
 from vlmjax.models import decoder, vlm
+from vlmjax.probes.residual import paired_inputs
 
 _PREFILL = "_kv_prefill"
 _CACHE = "_kv_cache"
@@ -142,9 +143,10 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     HF `generate(..., max_new_tokens=...)` with a fixed length. `hooks` apply in prefill and in every step.
     With `return_first_logits`, also the first decode step's logits [B, V] (for first-token scoring).
 
-    With `contrast_pixel_values` (the same images distorted, e.g. `vcd_noise`), decodes VCD-style: the real and
-    the distorted streams run together as one batch of 2B and each step's token comes from
-    `contrastive_logits(real, distorted, alpha, beta)`; the returned first logits are the contrasted ones.
+    With `contrast_pixel_values` (the same images distorted, e.g. `vcd_noise`, in the family's layout: Qwen2-VL's
+    packed patches too), decodes VCD-style: the real and the distorted streams run together as one batch of 2B and
+    each step's token comes from `contrastive_logits(real, distorted, alpha, beta)`; the returned first logits are
+    the contrasted ones.
 
     With `dola_layers` (decoder layer indices whose resid_post are the candidate premature layers), decodes
     DoLa-style (`vlmjax.dola`): each token comes from the contrast of the final layer with the candidate most
@@ -161,9 +163,17 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
     for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if token is not None and not 0 <= token < vocab:
             raise VlmJaxError(f"{name} {token} is outside the vocabulary [0, {vocab}); use the tokenizer's.")
+    contrastive = contrast_pixel_values is not None
+    if contrastive:  # one batch of 2B: the prompts twice, real images then distorted ones (every family's layout)
+        if inputs.get("pixel_values") is None:
+            raise VlmJaxError("contrast_pixel_values (VCD) needs images: the inputs hold no pixel_values.")
+        real = np.asarray(inputs["pixel_values"])
+        distorted = np.asarray(contrast_pixel_values, real.dtype)
+        if distorted.shape != real.shape:
+            raise VlmJaxError(f"contrast_pixel_values has shape {distorted.shape}, the images {real.shape}.")
+        inputs = paired_inputs(inputs, distorted)
     batch, _ = model.prepare(inputs)
     check_hooks(hooks or {}, model, batch)
-    contrastive = contrast_pixel_values is not None
     if return_dola and dola_layers is None:
         raise VlmJaxError("return_dola needs DoLa decoding: pass dola_layers=[...] too.")
     if dola_layers is not None:
@@ -172,14 +182,6 @@ def generate(model, inputs: dict, max_new_tokens: int = 20, *, do_sample: bool =
         if not dola_layers or not all(0 <= layer < last for layer in dola_layers) or contrastive:
             raise VlmJaxError(f"dola_layers must be a non-empty set of premature layers in 0..{last - 1} (layer "
                               f"{last} is the mature one), without contrast_pixel_values; got {dola_layers}.")
-    if contrastive and model.config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        raise VlmJaxError("Contrastive (VCD) decoding is implemented for LLaVA-style families; the packed patches "
-                          "of Qwen2-VL and Qwen2.5-VL are not supported yet.")
-    if contrastive:
-        distorted = np.asarray(contrast_pixel_values, batch["pixel_values"].dtype)
-        if distorted.shape != batch["pixel_values"].shape:
-            raise VlmJaxError(f"contrast_pixel_values has shape {distorted.shape}, the images {batch['pixel_values'].shape}.")
-        batch = {k: np.concatenate([v, distorted if k == "pixel_values" else v]) for k, v in batch.items()}
     batch, position = model.module.decode_start(batch)
     eos = -1 if eos_token_id is None else eos_token_id
     pad = (eos if eos >= 0 else 0) if pad_token_id is None else pad_token_id

@@ -476,17 +476,32 @@ def null_image(pixel_values, kind: str, mean, std) -> jax.Array:
 VCD_STEPS = 1000
 
 
-def vcd_noise(pixel_values, key, step: int = 500) -> jax.Array:
+def vcd_noise(pixel_values, key, step: int = 500, packed_layout: tuple[int, int] | None = None) -> jax.Array:
     """VCD's distorted image (methods §6): `sqrt(abar_t) x + sqrt(1 - abar_t) eps` on the normalised pixels, with
     `beta = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5`, `abar = cumprod(1 - beta)`, t = `step` (0-based,
     as VCD indexes its tables), eps standard normal from `key`. The schedule is computed in float64 (VCD's float32
-    torch.cumprod is off by ~3e-7 relative at t = 500)."""
+    torch.cumprod is off by ~3e-7 relative at t = 500).
+
+    Packed patches [P, C * T * p * p] (Qwen2-VL) need `packed_layout` = (C, T) (the vision config's in_channels and
+    temporal_patch_size): a still image's patch holds its frame T times, and every copy gets the same noise, as
+    noising the image before patching does (independent noise per copy would change the noise the patch embedding
+    sees)."""
     if not 0 <= step < VCD_STEPS:
         raise VlmJaxError(f"VCD step must lie in 0..{VCD_STEPS - 1}, got {step}.")
     betas = 1 / (1 + np.exp(-np.linspace(-6, 6, VCD_STEPS))) * (5e-3 - 1e-5) + 1e-5
     alpha_bar = np.cumprod(1 - betas)[step]
     pixel_values = jnp.asarray(pixel_values)
-    eps = jax.random.normal(key, pixel_values.shape, jnp.float32)
+    shape = pixel_values.shape
+    if pixel_values.ndim == 2:
+        if packed_layout is None or shape[1] % (packed_layout[0] * packed_layout[1]):
+            raise VlmJaxError(f"Packed patches of width {shape[1]} need packed_layout=(channels, "
+                              "temporal_patch_size) that divides it, e.g. (model.config.vision.in_channels, "
+                              f"model.config.vision.temporal_patch_size); got {packed_layout}.")
+        channels, frames = packed_layout
+        one_frame = jax.random.normal(key, (shape[0], channels, 1, shape[1] // (channels * frames)), jnp.float32)
+        eps = jnp.repeat(one_frame, frames, axis=2).reshape(shape)
+    else:
+        eps = jax.random.normal(key, shape, jnp.float32)
     signal, noise = np.float32(np.sqrt(alpha_bar)), np.float32(np.sqrt(1 - alpha_bar))
     noised = signal * pixel_values.astype(jnp.float32) + noise * eps
     return noised.astype(pixel_values.dtype)

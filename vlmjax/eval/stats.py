@@ -1,6 +1,7 @@
 """Statistics the studies use (docs/methods.md §6): McNemar, bootstrap CIs (of a statistic, of per-question
-differences, of AUROC), Cohen's h and power, Beta posteriors, point-biserial and Pearson correlation, a paired
-sign-flip permutation test. All randomness comes from a seeded ``numpy.random.Generator``.
+differences, of AUROC), Cohen's h, power and the sample size for a power (N80), Beta posteriors, point-biserial
+and Pearson correlation, a paired sign-flip permutation test. All randomness comes from a seeded
+``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def power_two_proportions(h: float, n_per_group: float, z_alpha: float = 1.96) -
     ``|h|`` because the sign of h only says which proportion is larger; n is the sample size of each group.
     """
     return float(scipy_stats.norm.cdf(abs(h) * math.sqrt(n_per_group / 2.0) - z_alpha))
+
+
+def n_for_power(h: float, power: float = 0.8, z_alpha: float = 1.96) -> float:
+    """The sample size per group at which ``power_two_proportions`` reaches ``power`` (e.g. N80):
+    ``2 ((1.96 + z_power) / |h|)^2``, rounded up; inf for h = 0 (no effect is ever detected)."""
+    if not 0 < power < 1:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+    if h == 0:
+        return math.inf
+    return float(math.ceil(2.0 * ((z_alpha + scipy_stats.norm.ppf(power)) / abs(h)) ** 2))
 
 
 @dataclass(frozen=True)
