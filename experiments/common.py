@@ -25,7 +25,7 @@ from vlmjax.eval.pope import candidate_probabilities, first_token_correct, yes_p
 from vlmjax.eval.records import ResultsWriter, ScalarLogger
 from vlmjax.eval.run import answer_token_ids, shapes_dataset, shapes_image_size
 
-DEFAULT_MODEL = "builtin:llava-shapes"  # the lead switches this to "builtin:llava-shapes-deep" when it ships
+DEFAULT_MODEL = "builtin:llava-shapes-deep"  # the model organism: 12 decoder layers x 8 heads (README)
 
 # The token sets every study uses (docs/methods.md notation), stated in each summary.
 VISUAL_TOKENS = "V: the positions holding the config's image token id, per sample (from the input ids)"
