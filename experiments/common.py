@@ -36,9 +36,9 @@ LAST_QUERY = ("the sample's last real token (the prompt ends with 'ASSISTANT:', 
 # Config keys that do not change a question's numbers (the fingerprint leaves them out: the model and the data have
 # fingerprints of their own, n_images only makes the data), and keys naming decoder layers.
 NOT_SETTINGS = ("model", "data", "out", "n_images", "batch_size", "overwrite")
-LAYER_KEYS = ("zone", "fusion_layers", "review_layer", "map_layer")
+LAYER_KEYS = ("zone", "fusion_layers", "review_layer", "map_layer", "dola_layers", "vicrop_layer")
 NULLABLE_TYPES = {"model": str, "data": str, "zone": list, "fusion_layers": list, "num_fusion_layers": int,
-                  "review_layer": int, "map_layer": int}
+                  "review_layer": int, "map_layer": int, "dola_layers": list, "vicrop_layer": int}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

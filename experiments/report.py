@@ -28,7 +28,7 @@ PAPERS = {
     "visual_heads": "Seed 003 — visual heads (methods §4)",
     "reliability_probes": "Seed 004 — does attention predict reliability? (methods §5)",
 }
-QUICK = {"n_images": 60, "questions": 8, "noise_repeats": 2, "gradient_questions": 8}
+QUICK = {"n_images": 60, "questions": 8, "noise_repeats": 2, "gradient_questions": 8, "open_ended_per_kind": 8}
 ALPHA = 0.05  # the significance level of every test-based verdict
 REPRODUCED, NOT_REPRODUCED, NOT_APPLICABLE = "reproduced", "not reproduced", "not applicable"
 
@@ -191,11 +191,11 @@ def depth_transition(s):
 
 
 def fusion_found(s):
-    drops = [s["accuracy"]["all"]["accuracy"] - a for a in s["accuracy_masked_at_layer"]]
-    fusion = s["fusion_layers"]
-    measured = f"fusion layers {fusion}; largest drop {pct(max(drops))} at layer {int(np.argmax(drops))}"
-    ps = ", ".join(f"L{l}: p = {s['mcnemar_p_at_layer'][l]:.3g}" for l in fusion) or "-"
-    return Verdict(measured, ps, REPRODUCED if fusion else NOT_REPRODUCED,
+    fusion, drops = s["fusion_layers"], s["drop_at_layer"]
+    largest = int(np.argmax([d["estimate"] for d in drops]))
+    measured = f"fusion layers {fusion}; largest drop {pct(drops[largest]['estimate'])} at layer {largest}"
+    stat = "; ".join(f"L{l}: drop {ci(drops[l])}, McNemar p = {s['mcnemar_p_at_layer'][l]:.3g}" for l in fusion) or "-"
+    return Verdict(measured, stat, REPRODUCED if fusion else NOT_REPRODUCED,
                    "" if fusion else "no layer in the first two thirds significantly lowers accuracy when masked")
 
 
@@ -203,9 +203,9 @@ def review_found(s):
     review = s["review_layer"]
     if review is None:
         return Verdict("none", "-", NOT_REPRODUCED, "no layer in the last third significantly lowers accuracy")
-    drop = s["accuracy"]["all"]["accuracy"] - s["accuracy_masked_at_layer"][review]
-    return Verdict(f"layer {review} of {len(s['accuracy_masked_at_layer'])}, drop {pct(drop)}",
-                   f"McNemar p = {s['mcnemar_p_at_layer'][review]:.3g}", REPRODUCED)
+    drop = s["drop_at_layer"][review]
+    return Verdict(f"layer {review} of {len(s['drop_at_layer'])}, drop {pct(drop['estimate'])}",
+                   f"{ci(drop)}; McNemar p = {s['mcnemar_p_at_layer'][review]:.3g}", REPRODUCED)
 
 
 def refinement(s):
@@ -214,64 +214,95 @@ def refinement(s):
         return Verdict("-", "-", NOT_APPLICABLE, "no review layer or no fusion layers, so no refinement was run")
     base = s["accuracy"]["all"]["accuracy"]
     ok = r["accuracy"] > base and r["mcnemar_p"] < ALPHA
-    return Verdict(f"accuracy {pct(base)} -> {pct(r['accuracy'])}", f"McNemar p = {r['mcnemar_p']:.3g}",
+    return Verdict(f"first-token accuracy {pct(base)} -> {pct(r['accuracy'])}", f"McNemar p = {r['mcnemar_p']:.3g}",
                    REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "no significant gain on this model's set")
+
+
+def open_ended_gain(system, other, higher=True):
+    """`system` has a higher (or, with higher=False, not a different) open-ended VQA accuracy than `other`."""
+    def judge(s):
+        o = s["open_ended"]
+        row, compared = o["systems"].get(system), f"minus_{other}"
+        if row is None or compared not in row:
+            return Verdict("-", "-", NOT_APPLICABLE, f"{system} was not run (no review layer, no fusion layers, or "
+                           "no DoLa candidates) or there are no open-ended questions")
+        d, p = row[compared]["difference"], row[compared]["permutation_p"]
+        measured = (f"VQA accuracy {pct(o['systems'][other]['accuracy'])} ({other}) vs {pct(row['accuracy'])} "
+                    f"({system}), {o['questions']} open-ended questions")
+        stat = f"difference {ci(d)}; permutation p = {p:.3g}"
+        if higher:
+            ok = d["low"] > 0 and p < ALPHA
+            return Verdict(measured, stat, REPRODUCED if ok else NOT_REPRODUCED,
+                           "" if ok else f"{system} is not significantly above {other}")
+        ok = p >= ALPHA
+        return Verdict(measured, stat, REPRODUCED if ok else NOT_REPRODUCED,
+                       "" if ok else f"{system} differs significantly from {other}")
+    return judge
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Seed 002
 
 
+def table_row(s, row):
+    return s["table1"].get(row)
+
+
 def rid_order(s):
-    p = s["conditions"]["plain"]
-    a, m = p["attention_rid_ci"], p["mlp_rid_ci"]
-    ok = a["high"] < m["low"]
-    return Verdict(f"RID attention {p['attention_rid']:.3f}, MLP {p['mlp_rid']:.3f}",
-                   f"attention {ci(a)}; MLP {ci(m)}", REPRODUCED if ok else NOT_REPRODUCED,
-                   "" if ok else "the intervals do not separate attention below the MLP")
+    a, m = table_row(s, "attention")["rid"], table_row(s, "ffn")["rid"]
+    ok = a["ci"]["high"] < m["ci"]["low"]
+    return Verdict(f"RID attention {a['mean']:.3f} (sd {a['std']:.3f}), FFN {m['mean']:.3f} (sd {m['std']:.3f})",
+                   f"attention {ci(a['ci'])}; FFN {ci(m['ci'])}", REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the intervals do not separate attention below the FFN")
 
 
 def mix_order(s):
-    p = s["conditions"]["plain"]
-    a, m = p["attention_mix_ig_ci"], p["mlp_mix_ig_ci"]
-    ok = a["low"] > m["high"]
-    return Verdict(f"MixIG attention {p['attention_mix_ig']:.3f}, MLP {p['mlp_mix_ig']:.3f}",
-                   f"attention {ci(a)}; MLP {ci(m)}", REPRODUCED if ok else NOT_REPRODUCED,
-                   "" if ok else "the intervals do not separate attention above the MLP")
+    a, m = table_row(s, "attention")["mix_ig"], table_row(s, "ffn")["mix_ig"]
+    ok = a["ci"]["low"] > m["ci"]["high"]
+    return Verdict(f"MixIG attention {a['mean']:.4f}, FFN {m['mean']:.4f} (|MixIG| <= log 2 under the stated TME)",
+                   f"attention {ci(a['ci'], 4)}; FFN {ci(m['ci'], 4)}", REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the intervals do not separate attention above the FFN")
 
 
 def rope_baseline(s):
-    p = s["conditions"]["plain"]
-    ratio = p["attention_rid"] / p["rope_baseline"]
+    a, eps = table_row(s, "attention")["rid"]["mean"], s["rope_baseline"]["resid_mid"]["mean"]
+    ratio = a / eps if eps > 0 else float("inf")
     ok = 1 / 1.5 <= ratio <= 1.5
-    return Verdict(f"attention RID {p['attention_rid']:.3f}, eps_RoPE {p['rope_baseline']:.3f} (ratio {ratio:.2f})",
-                   ci(p["attention_rid_ci"]), REPRODUCED if ok else NOT_REPRODUCED,
+    return Verdict(f"attention RID {a:.3f}, eps_RoPE on resid_mid {eps:.3f} (ratio {ratio:.2f}; on the keys "
+                   f"{s['rope_baseline']['keys']['mean']:.3f})",
+                   f"attention RID - eps_RoPE {ci(s['rope_baseline']['attention_rid_minus_eps'])}",
+                   REPRODUCED if ok else NOT_REPRODUCED,
                    "" if ok else "attention RID is not within a factor 1.5 of the RoPE baseline")
 
 
 def noise_geometry(name):
     def judge(s):
-        if name not in s["conditions"]:
+        n = table_row(s, name)
+        if n is None:
             return Verdict("-", "-", NOT_APPLICABLE, f"condition {name} not run")
-        p, n = s["conditions"]["plain"], s["conditions"][name]
-        ok = n["attention_rid_ci"]["low"] > p["attention_rid_ci"]["high"] and n["attention_mix_ig"] < 0
-        return Verdict(f"RID {n['attention_rid']:.3f} (plain {p['attention_rid']:.3f}), MixIG "
-                       f"{n['attention_mix_ig']:.3f}", f"RID {ci(n['attention_rid_ci'])}",
+        a = table_row(s, "attention")
+        spread = n["rid"]["std_over_repeats"]
+        ok = n["rid"]["ci"]["low"] > a["rid"]["ci"]["high"] and n["mix_ig"]["ci"]["high"] < 0
+        return Verdict(f"RID {n['rid']['mean']:.3f} (attention {a['rid']['mean']:.3f}), MixIG {n['mix_ig']['mean']:.4f}"
+                       + ("" if spread is None else f"; RID sd over {len(n['rid']['per_repeat'])} draws {spread:.3f}"),
+                       f"RID {ci(n['rid']['ci'])}; MixIG {ci(n['mix_ig']['ci'], 4)}",
                        REPRODUCED if ok else NOT_REPRODUCED,
-                       "" if ok else "noise does not raise RID above the plain interval with negative MixIG")
+                       "" if ok else "noise does not raise RID above the attention interval with MixIG CI below 0")
     return judge
 
 
-def noise_accuracy(name):
+def noise_accuracy(kind, scope):
     def judge(s):
-        if name not in s["conditions"]:
-            return Verdict("-", "-", NOT_APPLICABLE, f"condition {name} not run")
-        p, n = s["conditions"]["plain"], s["conditions"][name]
-        lower = n["accuracy"] < p["accuracy"] and n["mcnemar_p_max"] < ALPHA
-        return Verdict(f"accuracy {pct(p['accuracy'])} -> {pct(n['accuracy'])} over {n['repeats']} noise draws",
-                       f"McNemar p (largest over draws) = {n['mcnemar_p_max']:.3g}",
-                       NOT_REPRODUCED if lower else REPRODUCED, "noising visual attention significantly lowers "
-                       "accuracy on every draw" if lower else "")
+        row = s["accuracy_under_noise"][kind].get(scope)
+        if row is None:
+            return Verdict("-", "-", NOT_APPLICABLE, f"condition {kind}{update_geometry.SCOPE_SUFFIXES[scope]} not run")
+        d = row["accuracy_difference"]
+        lower = d["high"] < 0 and row["mcnemar_p_max"] < ALPHA
+        return Verdict(f"accuracy {pct(s['accuracy_under_noise']['plain'])} -> {pct(row['accuracy'])} over "
+                       f"{len(row['mcnemar_p_per_repeat'])} noise draws",
+                       f"difference {ci(d)}; McNemar p (largest over draws) = {row['mcnemar_p_max']:.3g}",
+                       NOT_REPRODUCED if lower else REPRODUCED, "noising it significantly lowers accuracy on every "
+                       "draw" if lower else "")
     return judge
 
 
@@ -396,27 +427,45 @@ CLAIMS = [
           not_run("needs several models of different architectures; the report studies one")),
     Claim("fusion_layers", "Masking the visual states at a few shallow (fusion) layers sharply lowers accuracy",
           "LLaVA-1.5: layers {2, 4, 8, 11, 12, 13}", "at least one layer in the first two thirds whose masking "
-          "lowers accuracy with McNemar p < 0.05", fusion_found),
+          "lowers accuracy with McNemar p < 0.05 (the study's selection rule)", fusion_found),
     Claim("fusion_layers", "A review layer near the end: masking it lowers accuracy again", "layer 29 of 32",
           "a layer in the last third whose masking lowers accuracy with McNemar p < 0.05", review_found),
-    Claim("fusion_layers", "Contrastive-attention refinement at the review layer raises accuracy",
-          "+3.06 points (LLaVA-1.5, six VQA sets)", "refined accuracy higher with McNemar p < 0.05", refinement),
-    Claim("update_geometry", "MLP updates bring new directions, attention updates barely do (RID)",
-          "attention 0.06, MLP 0.21", "attention's bootstrap CI entirely below the MLP's", rid_order),
-    Claim("update_geometry", "Attention reconfigures tokens, the MLP barely does (MixIG)", "attention 0.61, MLP 0.02",
-          "attention's bootstrap CI entirely above the MLP's", mix_order),
+    Claim("fusion_layers", "Contrastive-attention refinement at the review layer raises accuracy (first-token "
+          "answers)", "+3.06 points (LLaVA-1.5, six VQA sets)", "refined accuracy higher with McNemar p < 0.05",
+          refinement),
+    Claim("fusion_layers", "Contrastive attention raises open-ended VQA accuracy", "55.19 -> 58.25 (LLaVA-1.5 "
+          "average)", "method minus plain: bootstrap CI above 0 and permutation p < 0.05",
+          open_ended_gain("method", "plain")),
+    Claim("fusion_layers", "Contrastive attention beats DoLa", "58.25 vs 55.04", "method minus DoLa: bootstrap CI "
+          "above 0 and permutation p < 0.05", open_ended_gain("method", "dola")),
+    Claim("fusion_layers", "Contrastive attention beats ViCrop", "58.25 vs 56.52", "method minus ViCrop: bootstrap "
+          "CI above 0 and permutation p < 0.05", open_ended_gain("method", "vicrop")),
+    Claim("fusion_layers", "DoLa barely changes VQA accuracy", "55.19 -> 55.04", "DoLa vs plain: permutation "
+          "p >= 0.05", open_ended_gain("dola", "plain", higher=False)),
+    Claim("fusion_layers", "ViCrop raises VQA accuracy", "55.19 -> 56.52", "ViCrop minus plain: bootstrap CI above "
+          "0 and permutation p < 0.05", open_ended_gain("vicrop", "plain")),
+    Claim("update_geometry", "FFN updates bring new directions, attention updates barely do (RID, Table 1)",
+          "attention 0.06, FFN 0.21", "attention's bootstrap CI entirely below the FFN's", rid_order),
+    Claim("update_geometry", "Attention reconfigures tokens, the FFN barely does (MixIG, Table 1)",
+          "attention 0.61, FFN 0.02", "attention's bootstrap CI entirely above the FFN's", mix_order),
     Claim("update_geometry", "Attention RID is about the RoPE baseline", "0.06 vs eps_RoPE 0.062",
-          "attention RID within a factor 1.5 of eps_RoPE", rope_baseline),
-    Claim("update_geometry", "Noise-Δ: high RID, negative MixIG", "0.61 / -0.80",
-          "noised attention RID CI above the plain one and MixIG < 0", noise_geometry("noise_delta")),
-    Claim("update_geometry", "Noise-QKV: high RID, negative MixIG", "0.44 / -0.50",
-          "noised attention RID CI above the plain one and MixIG < 0", noise_geometry("noise_qkv")),
-    Claim("update_geometry", "Replacing visual attention updates with noise (Noise-Δ on V) does not hurt",
-          "Qwen2.5-VL-3B POPE 86.13 -> 87.58", "not (lower accuracy with McNemar p < 0.05 on every draw)",
-          noise_accuracy("noise_delta_visual")),
-    Claim("update_geometry", "Replacing visual Q/K/V with Gaussian weights (Noise-QKV on V) does not hurt",
-          "(the paper's visual-attention row)", "not (lower accuracy with McNemar p < 0.05 on every draw)",
-          noise_accuracy("noise_qkv_visual")),
+          "attention RID within a factor 1.5 of eps_RoPE on the same tensor (resid_mid)", rope_baseline),
+    Claim("update_geometry", "Noise-Δ: high RID, negative MixIG (Table 1)", "0.61 / -0.80",
+          "Noise-Δ RID CI above the attention's and MixIG CI below 0", noise_geometry("noise_delta")),
+    Claim("update_geometry", "Noise-QKV: high RID, negative MixIG (Table 1)", "0.44 / -0.50",
+          "Noise-QKV RID CI above the attention's and MixIG CI below 0", noise_geometry("noise_qkv")),
+    Claim("update_geometry", "Replacing the visual tokens' attention updates with noise (Noise-Δ at visual query "
+          "positions) does not hurt", "Qwen2.5-VL-3B POPE 86.13 -> 87.58", "not (difference CI below 0 and McNemar "
+          "p < 0.05 on every draw)", noise_accuracy("noise_delta", "visual")),
+    Claim("update_geometry", "Replacing what attention reads from the image with noise (Noise-Δ on visual keys) "
+          "does not hurt", "(the paper's visual-attention row)", "not (difference CI below 0 and McNemar p < 0.05 "
+          "on every draw)", noise_accuracy("noise_delta", "visual_keys")),
+    Claim("update_geometry", "Replacing the visual tokens' Q/K/V with Gaussian weights (Noise-QKV at visual "
+          "positions) does not hurt", "(the paper's visual-attention row)", "not (difference CI below 0 and "
+          "McNemar p < 0.05 on every draw)", noise_accuracy("noise_qkv", "visual")),
+    Claim("update_geometry", "Noise keys and values for the image (Noise-QKV on visual keys) do not hurt",
+          "(the paper's visual-attention row)", "not (difference CI below 0 and McNemar p < 0.05 on every draw)",
+          noise_accuracy("noise_qkv", "visual_keys")),
     Claim("visual_heads", "Masking the early stage's top visual heads costs far more than masking random heads",
           "top-20: POPE about 85 -> 30; random 20: -3 points", "top minus random-mean CI below 0 and top vs none "
           "McNemar p < 0.05 (k scaled from 20 of 320 heads)", early_top_vs_random),

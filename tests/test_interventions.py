@@ -331,7 +331,7 @@ def test_noise_substitutions_match_hf(setup):
     model = setup["model"]
     key = jax.random.PRNGKey(7)
     noise_out = iv.NoiseAttentionOutput.on_layers(LAYERS, jax.random.fold_in(key, 1), [3])
-    noise_qkv = iv.NoiseQKV.from_params(model.params["text"], key, [6, 10], visual_only=True)
+    noise_qkv = iv.NoiseQKV.from_params(model.params["text"], key, [6, 10], scope="visual")
     ours = _ours(setup, {"noise_out": noise_out, "noise_qkv": noise_qkv})
     layers = _hf_layers(setup["hf"])
     b, n = setup["visual"].shape

@@ -65,6 +65,13 @@ def _token_mask_like(mask: jax.Array, value: jax.Array, site: str) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (value.ndim - 2))
 
 
+def _decode_step(value: jax.Array, token_mask: jax.Array) -> bool:
+    """True in a cached decode step (`vlmjax.generate`): the value holds the new token only while the token mask
+    covers the whole cache. The new token is never a visual one, so hidden-state edits of visual tokens leave it be
+    (they acted on the prompt in prefill, and the cache holds their effect)."""
+    return value.shape[1] != token_mask.shape[1]
+
+
 def _require_visual(meta, name: str) -> None:
     empty = np.flatnonzero(~np.asarray(meta.mask).any(1))
     if empty.size:
@@ -237,7 +244,7 @@ class ZeroVisualStates(Intervention):
         return cls(jnp.asarray(layer_flags(num_layers, layers)))
 
     def __call__(self, site, value, ctx):
-        if site != "resid_pre":
+        if site != "resid_pre" or _decode_step(value, ctx.visual_mask):
             return value, None
         return jnp.where(self.active & ctx.visual_mask[..., None], jnp.zeros((), value.dtype), value), None
 
@@ -260,7 +267,7 @@ class ScaleVisualStates(Intervention):
                    jnp.asarray(layer_flags(num_layers, layers)))
 
     def __call__(self, site, value, ctx):
-        if site != "resid_pre":
+        if site != "resid_pre" or _decode_step(value, self.token_mask):
             return value, None
         factor = jnp.where(self.active & self.token_mask, self.scale, 1).astype(value.dtype)
         return value * factor[..., None], None
@@ -351,52 +358,78 @@ class ActivationPatch(Intervention):
 # Noise substitution (methods §3)
 
 
-def _scope(ctx, visual_only: bool):
-    """[B, N] bool: the positions a noise substitution touches."""
-    return ctx.visual_mask if visual_only else jnp.ones_like(ctx.visual_mask)
+NOISE_SCOPES = ("all", "visual", "visual_keys")
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in NOISE_SCOPES:
+        raise VlmJaxError(f"Noise scope must be one of {NOISE_SCOPES} (every position, the visual query positions, "
+                          f"the attention to visual keys), got {scope!r}.")
+    return scope
+
+
+def _scope(ctx, scope: str):
+    """[B, N] bool: the positions a noise substitution touches (every one, or the visual ones)."""
+    return jnp.ones_like(ctx.visual_mask) if scope == "all" else ctx.visual_mask
 
 
 class NoiseAttentionOutput(Intervention):
-    """Noise-Δ (methods §3): at active layers the attention update (attn.out) is replaced by Gaussian noise whose
-    standard deviation is the update's per-token RMS [inferred scale], on all positions or visual ones only.
-    The noise of layer l is drawn from `fold_in(key, l)` (see `noise`). Site: attn.out."""
+    """Noise-Δ (methods §3): at active layers the attention update is replaced by Gaussian noise of its own RMS
+    [inferred scale], in one of three scopes (static `scope`):
+    - "all": the update (attn.out) of every position -> N(0, rms_t^2), rms_t its per-token RMS;
+    - "visual": the same at the visual query positions only;
+    - "visual_keys": what every query reads from the visual keys: in each head's mixed values (attn.z),
+      `z_V = sum_{j in V} A[h, i, j] v_j` is replaced by noise of its per-(token, head) RMS, the rest of z kept.
+    The noise of layer l is drawn from `fold_in(key, l)` (see `noise`). Sites: attn.out, or attn.z for
+    "visual_keys" (which reads attn.pattern and attn.v earlier in the block)."""
 
     per_layer = ("active",)
     key: Any  # a jax.random key
     active: Any  # [L] bool
-    visual_only: bool = struct.field(pytree_node=False, default=False)
+    scope: str = struct.field(pytree_node=False, default="all")
 
     @classmethod
-    def on_layers(cls, num_layers: int, key, layers=None, visual_only: bool = False):
-        return cls(key, jnp.asarray(layer_flags(num_layers, layers)), visual_only)
+    def on_layers(cls, num_layers: int, key, layers=None, scope: str = "all"):
+        return cls(key, jnp.asarray(layer_flags(num_layers, layers)), _check_scope(scope))
 
     def noise(self, layer, shape) -> jax.Array:
-        """The standard normal draw of a layer, float32 of `shape` (the attn.out shape [B, N, D])."""
+        """The standard normal draw of a layer, float32 of `shape` (attn.out's [B, N, D]; attn.z's [B, N, H, hd])."""
         return jax.random.normal(jax.random.fold_in(self.key, layer), shape, jnp.float32)
 
     def __call__(self, site, value, ctx):
-        if site != "attn.out":
+        if site != ("attn.z" if self.scope == "visual_keys" else "attn.out"):
             return value, None
 
         def substitute(value):
+            if self.scope == "visual_keys":
+                return self._visual_keys(value, ctx)
             h = value.astype(jnp.float32)
             rms = jnp.sqrt(jnp.mean(h * h, axis=-1, keepdims=True))
             noisy = (self.noise(ctx.layer, value.shape) * rms).astype(value.dtype)
-            return jnp.where(_scope(ctx, self.visual_only)[..., None], noisy, value)
+            return jnp.where(_scope(ctx, self.scope)[..., None], noisy, value)
 
         return jax.lax.cond(self.active, substitute, lambda value: value, value), None
 
+    def _visual_keys(self, z, ctx):
+        pattern, v = ctx.earlier["attn.pattern"], ctx.earlier["attn.v"]  # [B, H, Nq, Nk], [B, Nk, KVH, hd]
+        v = jnp.repeat(v, z.shape[2] // v.shape[2], axis=2).astype(jnp.float32)
+        visual = jnp.einsum("bhqk,bkhd->bqhd", pattern.astype(jnp.float32) * ctx.visual_mask[:, None, None, :], v)
+        rms = jnp.sqrt(jnp.mean(visual * visual, axis=-1, keepdims=True))
+        return (z.astype(jnp.float32) - visual + self.noise(ctx.layer, z.shape) * rms).astype(z.dtype)
+
     def validate(self, meta, name):
-        if self.visual_only:
+        if self.scope != "all":
             _require_visual(meta, name)
 
 
 class NoiseQKV(Intervention):
     """Noise-QKV (methods §3): at active layers the query, key and value projections use Gaussian weights with each
-    original matrix's std [inferred] (biases kept), applied to the block's normed input (`ctx.earlier["attn.input"]`), on all
-    positions or visual ones only. The weights are drawn inside the forward, at active layers only (`lax.cond`),
-    from `fold_in(fold_in(key, l), m)`, m = 0, 1, 2 for q, k, v (see `kernel`), so nothing of the model's size is
-    stored. Sites: attn.q, attn.k, attn.v."""
+    original matrix's std [inferred] (biases kept), applied to the block's normed input (`ctx.earlier["attn.input"]`),
+    in one of three scopes (static `scope`): "all" positions; "visual": q, k and v of the visual positions (the
+    visual tokens' own projections); "visual_keys": k and v of the visual positions only, queries kept, so every
+    query reads the image through noise keys and values. The weights are drawn inside the forward, at active layers
+    only (`lax.cond`), from `fold_in(fold_in(key, l), m)`, m = 0, 1, 2 for q, k, v (see `kernel`), so nothing of the
+    model's size is stored. Sites: attn.q, attn.k, attn.v."""
 
     per_layer = ("std", "q_bias", "k_bias", "v_bias", "active")
     key: Any  # a jax.random key
@@ -405,17 +438,17 @@ class NoiseQKV(Intervention):
     k_bias: Any  # [L, KVH * hd]
     v_bias: Any  # [L, KVH * hd]
     active: Any  # [L] bool
-    visual_only: bool = struct.field(pytree_node=False, default=False)
+    scope: str = struct.field(pytree_node=False, default="all")
 
     @classmethod
-    def from_params(cls, text_params: dict, key, layers=None, visual_only: bool = False):
+    def from_params(cls, text_params: dict, key, layers=None, scope: str = "all"):
         """From the decoder's params (`model.params["text"]` for LLaVA): per-matrix stds and biases of every layer."""
         layer_params = text_params["layers"]
         num_layers = layer_params["q"]["kernel"].shape[0]
         std = jnp.stack([jnp.std(layer_params[m]["kernel"].astype(jnp.float32), axis=(1, 2)) for m in "qkv"], -1)
         biases = [layer_params[m].get("bias", jnp.zeros((num_layers, layer_params[m]["kernel"].shape[-1])))
                   for m in "qkv"]
-        return cls(key, std, *biases, jnp.asarray(layer_flags(num_layers, layers)), visual_only)
+        return cls(key, std, *biases, jnp.asarray(layer_flags(num_layers, layers)), _check_scope(scope))
 
     def kernel(self, layer, which: int, shape, std) -> jax.Array:
         """The Gaussian kernel [D, out] (float32) replacing projection `which` (0 q, 1 k, 2 v) at `layer`."""
@@ -423,7 +456,7 @@ class NoiseQKV(Intervention):
         return jax.random.normal(key, shape, jnp.float32) * std
 
     def __call__(self, site, value, ctx):
-        if site not in QKV_SITES:
+        if site not in QKV_SITES or (self.scope == "visual_keys" and site == "attn.q"):
             return value, None
         which = QKV_SITES.index(site)
 
@@ -433,12 +466,12 @@ class NoiseQKV(Intervention):
             kernel = self.kernel(ctx.layer, which, shape, self.std[which]).astype(value.dtype)
             bias = (self.q_bias, self.k_bias, self.v_bias)[which].astype(value.dtype)
             noisy = (h @ kernel + bias).reshape(value.shape)
-            return jnp.where(_scope(ctx, self.visual_only)[..., None, None], noisy, value)
+            return jnp.where(_scope(ctx, self.scope)[..., None, None], noisy, value)
 
         return jax.lax.cond(self.active, substitute, lambda value: value, value), None
 
     def validate(self, meta, name):
-        if self.visual_only:
+        if self.scope != "all":
             _require_visual(meta, name)
 
 

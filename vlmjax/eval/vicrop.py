@@ -63,10 +63,19 @@ def crop_box(grid: np.ndarray, covered: tuple[float, float, float, float],
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _attention_maps(model, params, batch):
-    """Every layer's last-query visual map [L, B, N]; `batch` has generate's prefill positions, so the map is the
-    attention that produced the first answer token."""
+def attention_maps(model, params, batch):
+    """Every layer's last-query visual map [L, B, N]; pass `model.module.decode_start(batch)[0]` (generate's prefill
+    positions), so the map is the attention that produced the first answer token."""
     return model.forward(params, batch, {"map": LastQueryVisualMap()}, logits=None)["hooks"]["map"]["attn.pattern"]
+
+
+def crop_boxes(model, processor, layer_map, meta, images: Sequence[Image.Image],
+               window: float = DEFAULT_WINDOW) -> list[tuple[int, int, int, int]]:
+    """Each sample's crop box in its original image (`crop_box`) from one layer's map [B, N] (a row of
+    `attention_maps`), `meta` the batch's visual metadata."""
+    grids = map_grids(np.asarray(layer_map)[None], meta)
+    return [crop_box(grid[0], covered_region(processor, model.config.model_type, image.size), window)
+            for grid, image in zip(grids, images)]
 
 
 def _greedy(model, processor, images, texts, max_new_tokens):
@@ -97,10 +106,8 @@ def vicrop_answers(model, processor, images: Sequence[Image.Image], questions: S
         chunk_images, chunk_texts = list(images[start:start + batch_size]), texts[start:start + batch_size]
         answers, inputs = _greedy(model, processor, chunk_images, chunk_texts, max_new_tokens)
         batch, meta = model.prepare(inputs)
-        maps = np.asarray(_attention_maps(model, model.params, model.module.decode_start(batch)[0]))[layer:layer + 1]
-        grids = map_grids(maps, meta)
-        boxes = [crop_box(grid[0], covered_region(processor, model.config.model_type, image.size), window)
-                 for grid, image in zip(grids, chunk_images)]
+        maps = np.asarray(attention_maps(model, model.params, model.module.decode_start(batch)[0]))
+        boxes = crop_boxes(model, processor, maps[layer], meta, chunk_images, window)
         crops = [image.crop(box) for image, box in zip(chunk_images, boxes)]
         cropped, _ = _greedy(model, processor, crops, chunk_texts, max_new_tokens)
         results += [{"answer": a, "cropped_answer": c, "box": b} for a, c, b in zip(answers, cropped, boxes)]

@@ -11,7 +11,7 @@ wires them to sites, one module per seam:
   `query_index` [B]).
 - `attention`: VisualAttention, LastQueryVisualMap, VisualHeadAttention, head_detection_scores.
 - `residual`: LogitLens, ResidualUpdateCosine (+ paired_inputs), UpdateGeometry, HiddenStates, RopeBaseline,
-  rank_units.
+  ResidualRopeBaseline, rank_units.
 - `gradients`: residual_gradients, visual_gradient_importance.
 - `capture`: `capture(sites, num_layers)` records named sites (`blocks.3.attn.pattern`, `logits`) and only the named
   layers; `read_captures` reads them back.
@@ -22,11 +22,11 @@ from vlmjax.probes.attention import LastQueryVisualMap, VisualAttention, VisualH
 from vlmjax.probes.capture import capture, read_captures
 from vlmjax.probes.gradients import ResidualProbe, residual_gradients, visual_gradient_importance
 from vlmjax.probes.maps import contrastive_mask, map_grids, map_statistics
-from vlmjax.probes.residual import (GEOMETRY_TOKENS, HiddenStates, LogitLens, ResidualUpdateCosine, RopeBaseline,
-                                    UpdateGeometry, paired_inputs, rank_units)
+from vlmjax.probes.residual import (GEOMETRY_TOKENS, HiddenStates, LogitLens, ResidualRopeBaseline,
+                                    ResidualUpdateCosine, RopeBaseline, UpdateGeometry, paired_inputs, rank_units)
 from vlmjax.probes.token_sets import last_position, text_after_image
 
 __all__ = ["GEOMETRY_TOKENS", "HiddenStates", "LastQueryVisualMap", "LogitLens", "ResidualProbe",
-           "ResidualUpdateCosine", "RopeBaseline", "UpdateGeometry", "VisualAttention", "VisualHeadAttention",
+           "ResidualRopeBaseline", "ResidualUpdateCosine", "RopeBaseline", "UpdateGeometry", "VisualAttention", "VisualHeadAttention",
            "capture", "contrastive_mask", "head_detection_scores", "last_position", "map_grids", "map_statistics",
            "paired_inputs", "rank_units", "read_captures", "residual_gradients", "text_after_image", "visual_gradient_importance"]

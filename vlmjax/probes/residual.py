@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -142,6 +143,39 @@ class RopeBaseline(Hook):
             return value, None
         flat = lambda k: k.reshape(*k.shape[:2], -1)
         return value, batched_rid(flat(value), flat(ctx.earlier["attn.k"]), ctx.key_padding, energy=self.energy)
+
+
+class ResidualRopeBaseline(Hook):
+    """methods §3 RoPE baseline on the tensor of the attention RID: `eps_RoPE = RID(X' | X'_noRoPE)` per layer and
+    sample, X' = resid_mid (the residual after attention, as `UpdateGeometry` measures the attention update) and
+    X'_noRoPE = resid_pre + the same layer's attention recomputed from the same queries, keys and values without
+    rotary (the scores' mask kept), over the sample's real tokens. So the attention RID can be read against the
+    innovation that rotary alone puts into that tensor. The recomputation reads the block's attn.q/k/v and
+    attn.scores (for the mask; a hook that changes the scores' values is not seen) and the output projection passed
+    in (`from_model`). Site: resid_mid. Record [B] per layer."""
+
+    per_layer = ("o_kernel", "o_bias")
+    o_kernel: Any  # [L, H * hd, D]
+    o_bias: Any  # [L, D] (zeros for a model without an output bias)
+    energy: float = struct.field(pytree_node=False, default=0.99)
+
+    @classmethod
+    def from_model(cls, model, energy: float = 0.99):
+        o = text_params(model.params)["layers"]["o"]
+        return cls(o["kernel"], o.get("bias", jnp.zeros(o["kernel"].shape[::2], o["kernel"].dtype)), energy)
+
+    def __call__(self, site, value, ctx):
+        if site != "resid_mid":
+            return value, None
+        q, k, v = (ctx.earlier[s].astype(jnp.float32) for s in ("attn.q", "attn.k", "attn.v"))
+        k, v = (jnp.repeat(t, q.shape[2] // t.shape[2], axis=2) for t in (k, v))
+        masked = ctx.earlier["attn.scores"]
+        allowed = masked > jnp.finfo(masked.dtype).min / 2
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+        pattern = jax.nn.softmax(jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), axis=-1)
+        z = jnp.einsum("bhqk,bkhd->bqhd", pattern, v).reshape(*q.shape[:2], -1)
+        without = ctx.earlier["resid_pre"].astype(jnp.float32) + z @ self.o_kernel.astype(jnp.float32) + self.o_bias
+        return value, batched_rid(value, without, ctx.key_padding, energy=self.energy)
 
 
 def text_params(params: dict) -> dict:
