@@ -139,6 +139,9 @@ def ablation_sets(ranked: dict[str, np.ndarray], counts: dict[str, list[int]], s
 
 
 def run(config: dict) -> dict:
+    for key, least in (("min_probe_errors", 1), ("label_shuffles", 0), ("consistency_questions", 0)):
+        if config[key] < least:
+            raise VlmJaxError(f"Config key {key!r} must be at least {least}, got {config[key]}.")
     model, processor, questions, out = setup(config)
     num_layers = model.num_layers["blocks"]
     scorer = AnswerScorer(processor.tokenizer, questions)
@@ -153,7 +156,7 @@ def run(config: dict) -> dict:
         maps = res["hooks"]["maps"]["attn.pattern"]  # [L, B, N]
         stats = map_statistics(maps, meta, config["top_fraction"])
         visual = np.asarray(meta.mask)
-        noise = np.random.default_rng([config["seed"]] + [q.question_id for q in chunk]).random(visual.shape)
+        noise = np.stack([np.random.default_rng([config["seed"], q.question_id]).random(visual.shape[1]) for q in chunk])
         removed = {}
         for name, visual_map in (("top_removed", maps[map_layer]), ("random_removed", np.where(visual, noise, 0))):
             remove = iv.RemoveVisualTokens.top_attended(num_layers, visual_map, meta, config["top_fraction"])
@@ -286,7 +289,7 @@ def summarise(done, correct, probes, ablation, consistency, consistency_correct,
                    "map": "the head-mean attention row of the query over V, renormalised, on the image's patch grid",
                    "removed": f"the top {config['top_fraction']:.0%} patches of the map at layer {map_layer}, "
                               "removed from attention at every layer; control: as many patches of the same image "
-                              "drawn at random (seeded per batch)"},
+                              "drawn at random (seeded per question)"},
         "accuracy": accuracy_by_group(done, correct, by_id),
         "map_layer": map_layer, "accuracy_top_patches_removed": float(removed["top_removed"].mean()),
         "top_patches_removed_drop": drop("top_removed"),

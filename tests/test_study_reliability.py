@@ -120,3 +120,11 @@ def test_too_few_errors_refuse_the_probe_and_its_ablation(tiny, tmp_path):
     assert not (tmp_path / "records_ablation.jsonl").exists() and (tmp_path / "reliability_probes.png").is_file()
     verdict = report.probe_auroc(summary)
     assert verdict.verdict == report.NOT_APPLICABLE and "at least 50" in verdict.evidence
+
+
+@pytest.mark.parametrize("key, value", [("min_probe_errors", 0), ("consistency_questions", -1), ("label_shuffles", -2)])
+def test_counts_below_their_least_are_refused_before_any_work(key, value, tmp_path):
+    config = {**json.loads(rp.CONFIG.read_text()), key: value, "out": str(tmp_path)}
+    with pytest.raises(rp.VlmJaxError, match=f"{key}' must be at least"):
+        rp.run(config)
+    assert not list(tmp_path.iterdir())
