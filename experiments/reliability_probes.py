@@ -19,7 +19,8 @@ dimensions, and the top `ablate_residual_fraction` of the residual dimensions ar
 uniformly random units of the layer under every seed of `random_neuron_seeds` (one compiled sweep).
 Phase 4: self-consistency on a seeded sample of `consistency_questions` questions: K = 10 answers sampled at T = 0.7,
 top-p 0.9 (`vlmjax.eval.consistency`), the majority answer's frequency (the agreement rate) correlated with the
-first-token correctness (point-biserial). K-fold sampling is the costly part, hence its own question count.
+first-token correctness (point-biserial). Sampling K answers costs K rows per question, hence its own question count
+(default 300: about 0.03 s of CPU per question on the 3-layer built-in model).
 The set mixes POPE with the harder families (counting in a box, attributes; occluded and cluttered images are
 tagged), so the model is wrong often enough to probe. Records are appended per question per phase (resumable);
 summary.json, reliability_probes.png (probe ROC curves, AUROC per layer with the shuffled-label band, the causal
