@@ -23,6 +23,7 @@ from vlmjax.errors import VlmJaxError
 from vlmjax.eval.batches import padded_batches
 from vlmjax.eval.pope import candidate_probabilities, first_token_correct, yes_probability
 from vlmjax.eval.records import ResultsWriter, ScalarLogger
+from vlmjax.eval.stats import bootstrap_ci, mcnemar, paired_permutation_test
 from vlmjax.eval.run import answer_token_ids, shapes_dataset, shapes_image_size
 
 DEFAULT_MODEL = "builtin:llava-shapes-deep"  # the model organism: 12 decoder layers x 8 heads (README)
@@ -37,8 +38,9 @@ LAST_QUERY = ("the sample's last real token (the prompt ends with 'ASSISTANT:', 
 # fingerprints of their own, n_images only makes the data), and keys naming decoder layers.
 NOT_SETTINGS = ("model", "data", "out", "n_images", "batch_size", "overwrite")
 LAYER_KEYS = ("zone", "fusion_layers", "review_layer", "map_layer", "dola_layers", "vicrop_layer")
-NULLABLE_TYPES = {"model": str, "data": str, "zone": list, "fusion_layers": list, "num_fusion_layers": int,
-                  "review_layer": int, "map_layer": int, "dola_layers": list, "vicrop_layer": int}
+NULLABLE_TYPES = {"model": str, "data": str, "compare_model": str, "zone": list, "fusion_layers": list,
+                  "num_fusion_layers": int, "review_layer": int, "map_layer": int, "dola_layers": list,
+                  "vicrop_layer": int}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,6 +60,7 @@ class StudyQuestion:
     candidates: tuple[str, ...]  # ("yes", "no") for yes/no questions
     occluded: bool  # the image holds a partly hidden object
     clutter: bool  # the image holds clutter marks
+    region: tuple[int, int, int, int] | None = None  # counting questions: the box (x0, y0, x1, y1) in image pixels
 
     @property
     def yes_no(self) -> bool:
@@ -94,7 +97,8 @@ def read_study_set(root: Path, files: dict[str, int], seed: int) -> list[StudyQu
             scene = scenes[q.image]
             chosen.append(StudyQuestion(q.question_id, str(root / "images" / q.image), q.question, q.answer,
                                         q.question_type, q.split or q.question_type, candidates,
-                                        any(o.visible_fraction < 1 for o in scene.objects), scene.n_clutter > 0))
+                                        any(o.visible_fraction < 1 for o in scene.objects), scene.n_clutter > 0,
+                                        q.region))
     return chosen
 
 
@@ -229,6 +233,24 @@ class AnswerScorer:
                 p_answer[..., b] = probs[..., index]
                 correct[..., b] = probs.argmax(-1) == index
         return {"p_answer": p_answer, "correct": correct.astype(bool), "p_yes": p_yes}
+
+
+def compare_to_random(plain: np.ndarray, top: np.ndarray, random: np.ndarray, seed: int = 0) -> dict:
+    """Knocking out chosen units (top heads, top neurons) against as many random ones, from per-question correctness:
+    plain [Q] (nothing knocked out), top [Q], random [Q, S] (one column per random draw). Accuracy and drop of each;
+    McNemar of top against plain; the bootstrap CI of top minus the random draws' mean accuracy, and the paired
+    sign-flip permutation test of that difference, both over questions (each question's random value is the mean of
+    its S draws, so the test asks whether the chosen units cost more than random ones on the same questions)."""
+    plain, top, random = np.asarray(plain, bool), np.asarray(top, bool), np.asarray(random, float).reshape(len(plain), -1)
+    random_accuracy = random.mean(0)
+    gap = bootstrap_ci((top.astype(float), random.mean(1)), lambda a, b: np.mean(a - b), seed=seed)
+    return {"top_accuracy": float(top.mean()), "top_drop": float(plain.mean() - top.mean()),
+            "top_mcnemar_p": mcnemar(plain, top).p_value, "random_accuracies": random_accuracy.tolist(),
+            "random_mean_accuracy": float(random_accuracy.mean()),
+            "random_std_accuracy": float(random_accuracy.std(ddof=1)) if random.shape[1] > 1 else 0.0,
+            "random_mean_drop": float(plain.mean() - random_accuracy.mean()),
+            "top_minus_random": {"estimate": gap.estimate, "low": gap.low, "high": gap.high},
+            "top_vs_random_p": paired_permutation_test(top, random.mean(1), seed=seed)[1]}
 
 
 def score_rows(scores: dict[str, np.ndarray], index) -> dict:

@@ -319,16 +319,21 @@ def stage_row(s, stage, k_of_320=20):
     return min(rows, key=lambda r: abs(r["k"] - want))
 
 
+def top_vs_random(r):
+    """(measured, statistic) of a compare_to_random row."""
+    return (f"top: {pct(r['top_accuracy'])}, random {pct(r['random_mean_accuracy'])} ± {pct(r['random_std_accuracy'])} "
+            f"(sd over {len(r['random_accuracies'])} seeds)",
+            f"top - random {ci(r['top_minus_random'])}, permutation p = {r['top_vs_random_p']:.3g}; top vs none "
+            f"McNemar p = {r['top_mcnemar_p']:.3g}")
+
+
 def early_top_vs_random(s):
     r = stage_row(s, "early")
     if r is None:
         return Verdict("-", "-", NOT_APPLICABLE, "the model has no early stage")
-    gap = r["top_minus_random"]
-    ok = gap["high"] < 0 and r["top_mcnemar_p"] < ALPHA
-    return Verdict(f"k = {r['k']}: top {pct(r['top_accuracy'])}, random {pct(r['random_mean_accuracy'])} ± "
-                   f"{pct(r['random_std_accuracy'])} (sd over {len(r['random_accuracies'])} seeds)",
-                   f"top - random {ci(gap)}; top vs none McNemar p = {r['top_mcnemar_p']:.3g}",
-                   REPRODUCED if ok else NOT_REPRODUCED,
+    measured, stat = top_vs_random(r)
+    ok = r["top_minus_random"]["high"] < 0 and r["top_vs_random_p"] < ALPHA and r["top_mcnemar_p"] < ALPHA
+    return Verdict(f"k = {r['k']}: {measured}", stat, REPRODUCED if ok else NOT_REPRODUCED,
                    "" if ok else "masking the top early heads does not cost significantly more than random heads")
 
 
@@ -336,10 +341,21 @@ def late_top_harmless(s):
     r = stage_row(s, "late")
     if r is None:
         return Verdict("-", "-", NOT_APPLICABLE, "the model has no late stage")
-    drop = s["accuracy"]["all"]["accuracy"] - r["top_accuracy"]
-    ok = drop <= 0.05
-    return Verdict(f"k = {r['k']}: accuracy drop {pct(drop)}", f"McNemar p = {r['top_mcnemar_p']:.3g}",
+    ok = r["top_drop"] <= 0.05
+    return Verdict(f"k = {r['k']}: accuracy drop {pct(r['top_drop'])}", f"McNemar p = {r['top_mcnemar_p']:.3g}",
                    REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "late top heads cost more than 5 points")
+
+
+def stage_order(s):
+    rows = {stage: stage_row(s, stage) for stage in ("early", "mid", "late")}
+    if any(r is None for r in rows.values()):
+        return Verdict("-", "-", NOT_APPLICABLE, "the model lacks one of the three stages")
+    drops = [rows[stage]["top_drop"] for stage in ("early", "mid", "late")]
+    ok = drops[0] > drops[1] > drops[2]
+    return Verdict("top-k drops: " + ", ".join(f"{stage} {pct(d)} (k = {rows[stage]['k']})"
+                                               for stage, d in zip(rows, drops)),
+                   "; ".join(f"{stage} McNemar p = {r['top_mcnemar_p']:.3g}" for stage, r in rows.items()),
+                   REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "the drops do not fall from early to late")
 
 
 def early_monotone(s):
@@ -352,15 +368,40 @@ def early_monotone(s):
                    REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "accuracy does not fall as k grows")
 
 
+def lens_settles(s):
+    lens = s["logit_lens"]["by_family"]
+    if not {"pope", "count"} <= set(lens):
+        return Verdict("-", "-", NOT_APPLICABLE, "the study set lacks POPE or counting questions")
+    pope, count = lens["pope"]["settles_at_layer"], lens["count"]["settles_at_layer"]
+    ok = pope < count
+    return Verdict(f"answer top-1 for >= half the questions from layer {pope} (POPE) vs {count} (counting) of "
+                   f"{len(lens['pope']['mean_rank'])}", "-", REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the POPE answer does not settle earlier than the counting answer")
+
+
+def heads_correlate(s):
+    c = s["model_comparison"]
+    if "not_run" in c:
+        return Verdict("-", "-", NOT_APPLICABLE, f"not run: {c['not_run']}")
+    r, p = c["scores"]["r"], c["scores"]["p"]
+    ok = r > 0.8 and p < ALPHA
+    return Verdict(f"r = {r:.3f} over {c['heads']} heads with {c['compare_model']}; top-10 shared "
+                   f"{pct(c['top_heads_shared'])}", f"p = {p:.3g}", REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the head scores of the two models do not correlate above 0.8")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Seed 004
 
 
-def entropy_uncorrelated(s):
-    c = s["entropy_correctness"][s["map_layer"]]
-    ok = not c["p"] < ALPHA
-    return Verdict(f"spatial entropy vs correctness at layer {s['map_layer']}: r = {c['r']:.3f}", f"p = {c['p']:.3g}",
-                   REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "the correlation is significant")
+def uncorrelated(key, what):
+    def judge(s):
+        c = s[key][s["map_layer"]]
+        ok = not c["p"] < ALPHA
+        return Verdict(f"{what} vs correctness at layer {s['map_layer']}: R_pb = {c['r']:.3f}",
+                       f"95% CI [{c['low']:.3f}, {c['high']:.3f}], p = {c['p']:.3g}",
+                       REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "the correlation is significant")
+    return judge
 
 
 def top_patches(s):
@@ -371,25 +412,70 @@ def top_patches(s):
                    "" if ok else "removing the top patches does not significantly lower accuracy")
 
 
+def top_vs_random_patches(s):
+    d, p = s["top_minus_random_patches_drop"], s["top_vs_random_patches_mcnemar_p"]
+    ok = d["low"] > 0 and p < ALPHA
+    return Verdict(f"accuracy with top patches removed {pct(s['accuracy_top_patches_removed'])}, random "
+                   f"{pct(s['accuracy_random_patches_removed'])}", f"random - top {ci(d)}; McNemar p = {p:.3g}",
+                   REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the top patches do not cost significantly more than as many random ones")
+
+
 def probe_auroc(s):
+    if s["probe_refused"]:
+        return Verdict("-", "-", NOT_APPLICABLE, s["probe_refused"])
     best = s["best_probe_layer"]
     auroc, (low, high) = s["probe_auroc"][best], s["probe_auroc_ci"][best]
-    if s["probe_test_errors"] < 10:
-        return Verdict(f"AUROC {auroc:.3f} at layer {best}", "-", NOT_APPLICABLE,
-                       f"the test split holds {s['probe_test_errors']} wrong answers (< 10): no usable estimate")
-    ok = auroc > 0.95
-    return Verdict(f"AUROC {auroc:.3f} at layer {best} (shuffled labels {s['probe_auroc_shuffled'][best]:.3f}; "
-                   f"{s['probe_test_errors']} wrong answers in the test split)", f"95% CI [{low:.3f}, {high:.3f}]",
-                   REPRODUCED if ok else NOT_REPRODUCED, "" if ok else "the best probe stays at or below 0.95")
+    pope = s["best_probe_by_family"].get("pope", {})
+    measured = (f"AUROC {auroc:.3f} at layer {best} ({s['probe_test_errors']} wrong answers in the test split; "
+                f"POPE only: {pope['auroc']:.3f}" if "auroc" in pope else
+                f"AUROC {auroc:.3f} at layer {best} ({s['probe_test_errors']} wrong answers in the test split; "
+                f"POPE only: {pope.get('not_scored', 'no POPE questions')}") + ")"
+    stat = (f"95% CI [{low:.3f}, {high:.3f}]; {s['label_shuffles']} label shuffles: mean "
+            f"{s['probe_auroc_shuffled'][best]:.3f}, permutation p = {s['probe_shuffle_p'][best]:.3g}")
+    ok = auroc > 0.95 and s["probe_shuffle_p"][best] < ALPHA
+    return Verdict(measured, stat, REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the best probe stays at or below 0.95, or does not beat its shuffled-label probes")
+
+
+def ablation_set(s, units, top_count=True):
+    sets = [r for r in s["ablation"].get("sets", []) if r["units"] == units]
+    return (min(sets, key=lambda r: r["count"]) if top_count else max(sets, key=lambda r: r["count"])) if sets else None
 
 
 def neuron_ablation(s):
-    base = s["accuracy"]["all"]["accuracy"]
-    top, mean, sd = s["accuracy_top_dims_ablated"], s["random_dims_ablated_mean"], s["random_dims_ablated_std"]
-    ok = s["top_dims_ablated_mcnemar_p"] < ALPHA and top < mean - 2 * sd
-    return Verdict(f"accuracy {pct(base)} -> {pct(top)} (random dims: {pct(mean)} ± {pct(sd)})",
-                   f"McNemar p = {s['top_dims_ablated_mcnemar_p']:.3g}", REPRODUCED if ok else NOT_REPRODUCED,
-                   "" if ok else "the top dims do not cost significantly more than random ones")
+    r = ablation_set(s, "mlp_neurons")
+    if r is None:
+        return Verdict("-", "-", NOT_APPLICABLE, f"not run: {s['ablation'].get('not_run')}")
+    measured, stat = top_vs_random(r)
+    ok = r["top_vs_random_p"] < ALPHA and r["top_mcnemar_p"] < ALPHA and r["top_minus_random"]["high"] < 0
+    return Verdict(f"{r['count']} MLP neurons at layer {s['ablation']['layer']}: drop {pct(r['top_drop'])}; {measured}",
+                   stat, REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "the top neurons do not cost significantly more than random ones")
+
+
+def residual_half_tolerated(s):
+    r = ablation_set(s, "residual_dims", top_count=False)
+    if r is None:
+        return Verdict("-", "-", NOT_APPLICABLE, f"not run: {s['ablation'].get('not_run')}")
+    if s["family"] != "qwen2_vl":
+        return Verdict(f"{r['count']} of the layer's dims: drop {pct(r['top_drop'])}", "-", NOT_APPLICABLE,
+                       f"reported for early-fusion models (PaliGemma, Qwen2-VL); this model is {s['family']}")
+    ok = r["top_drop"] <= 0.01 or r["top_mcnemar_p"] >= ALPHA
+    return Verdict(f"{pct(r['fraction'])} of the dims at layer {s['ablation']['layer']}: drop {pct(r['top_drop'])}",
+                   f"McNemar p = {r['top_mcnemar_p']:.3g}", REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "ablating half the dims costs more than a point, significantly")
+
+
+def consistency_predicts(s):
+    c = s["self_consistency"]
+    if "not_run" in c:
+        return Verdict("-", "-", NOT_APPLICABLE, f"not run: {c['not_run']}")
+    r = c["agreement_correctness"]
+    ok = r["r"] > 0 and r["p"] < ALPHA
+    return Verdict(f"R_pb = {r['r']:.3f} over {c['questions']} questions (mean agreement {c['mean_agreement']:.2f})",
+                   f"95% CI [{r['low']:.3f}, {r['high']:.3f}], p = {r['p']:.3g}", REPRODUCED if ok else NOT_REPRODUCED,
+                   "" if ok else "agreement does not correlate positively and significantly with correctness")
 
 
 def not_run(reason):
@@ -467,23 +553,42 @@ CLAIMS = [
           "(the paper's visual-attention row)", "not (difference CI below 0 and McNemar p < 0.05 on every draw)",
           noise_accuracy("noise_qkv", "visual_keys")),
     Claim("visual_heads", "Masking the early stage's top visual heads costs far more than masking random heads",
-          "top-20: POPE about 85 -> 30; random 20: -3 points", "top minus random-mean CI below 0 and top vs none "
-          "McNemar p < 0.05 (k scaled from 20 of 320 heads)", early_top_vs_random),
+          "top-20: POPE about 85 -> 30; random 20: -3 points", "top minus random-mean CI below 0, permutation p < 0.05 "
+          "and top vs none McNemar p < 0.05 (k scaled from 20 of 320 heads)", early_top_vs_random),
     Claim("visual_heads", "The late stage's top heads barely matter", "late top-20 barely moves POPE",
           "accuracy drop <= 5 points (k scaled from 20 of 320)", late_top_harmless),
+    Claim("visual_heads", "Top heads matter less the later their stage", "top-20 drops 28.21 / 15.34 / 7.21 points",
+          "early drop > mid drop > late drop (k scaled from 20 of 320)", stage_order),
     Claim("visual_heads", "In the early stage, more masked heads cost more", "near-linear fall up to 50 heads",
           "early top-k accuracy non-increasing in k and lower at the largest k", early_monotone),
-    Claim("reliability_probes", "Attention-map structure barely correlates with correctness",
+    Claim("visual_heads", "Under the logit lens the answer settles in early layers on POPE, later on look-twice "
+          "(counting) questions", "POPE: after the initial layers; Visual General: through the middle layers",
+          "the layer from which the answer is top-1 for half the questions is earlier for POPE than for counting",
+          lens_settles),
+    Claim("visual_heads", "Head scores of a model and its variant correlate strongly", "Pearson > 0.8 (< 0.1 across "
+          "families)", "Pearson r > 0.8 with p < 0.05 over heads, against compare_model", heads_correlate),
+    Claim("reliability_probes", "Attention-map structure barely correlates with correctness: spatial entropy",
           "R_pb = 0.001, CI [-0.034, 0.036]", "point-biserial p >= 0.05 (spatial entropy at the map layer)",
-          entropy_uncorrelated),
+          uncorrelated("entropy_correctness", "spatial entropy")),
+    Claim("reliability_probes", "Attention-map structure barely correlates with correctness: cluster count",
+          "R_pb = 0.001, CI [-0.034, 0.036]", "point-biserial p >= 0.05 (top-30% cluster count at the map layer)",
+          uncorrelated("clusters_correctness", "cluster count")),
     Claim("reliability_probes", "Removing the top-30% attended patches lowers accuracy", "8.2-11.3 points, p < 0.001",
           "bootstrap CI of the drop above 0 and McNemar p < 0.05", top_patches),
+    Claim("reliability_probes", "The top-30% patches matter more than as many random patches",
+          "(attention is causally necessary)", "CI of (random - top) accuracy above 0 and McNemar p < 0.05",
+          top_vs_random_patches),
     Claim("reliability_probes", "A single-layer linear probe predicts correctness", "AUROC > 0.95 (2 of 3 models)",
-          "best layer's test AUROC > 0.95 (n/a with fewer than 10 wrong answers in the test split)", probe_auroc),
-    Claim("reliability_probes", "Ablating the probe's top-5 dimensions lowers accuracy; random ones do not",
-          "-8.3 points (LLaVA)", "McNemar p < 0.05 and top-dims accuracy below random mean - 2 sd", neuron_ablation),
-    Claim("reliability_probes", "Self-consistency (10 samples) predicts correctness", "R_pb = 0.43", "-",
-          not_run("sampled self-consistency is not part of this study")),
+          "best layer's test AUROC > 0.95 and above its shuffled-label probes (permutation p < 0.05); n/a when a "
+          "split has too few wrong answers", probe_auroc),
+    Claim("reliability_probes", "Ablating the probe's top-5 MLP neurons lowers accuracy; random ones do not",
+          "-8.3 points (LLaVA)", "top minus random CI below 0, permutation p < 0.05 and top vs none McNemar p < 0.05 "
+          "(units ranked by |w| x std)", neuron_ablation),
+    Claim("reliability_probes", "Early-fusion models tolerate ablating half the peak layer's hidden dimensions",
+          "<= 1 point (PaliGemma, Qwen2-VL)", "drop <= 1 point or McNemar p >= 0.05 (Qwen2-VL family only)",
+          residual_half_tolerated),
+    Claim("reliability_probes", "Self-consistency (10 samples) predicts correctness", "R_pb = 0.43",
+          "agreement rate's point-biserial r > 0 with p < 0.05", consistency_predicts),
 ]
 
 

@@ -79,9 +79,12 @@ def check_summary(name, summary, config):
     if name == "update_geometry":
         noised = summary["conditions"]["noise_delta_visual"]
         assert noised["repeats"] == 2 and noised["attention_rid"] != summary["conditions"]["plain"]["attention_rid"]
-    if name == "reliability_probes":
-        assert len(summary["probe_auroc"]) == len(summary["entropy_correctness"])
-        assert len(summary["accuracy_random_dims_ablated"]) == 2
+    if name == "reliability_probes":  # the tiny sets may hold too few errors for a probe: then it says so
+        if summary["probe_refused"] is None:
+            assert len(summary["probe_auroc"]) == len(summary["entropy_correctness"])
+            assert all(len(s["random_accuracies"]) == 2 for s in summary["ablation"]["sets"])
+        else:
+            assert "min_probe_errors" in summary["probe_refused"] and "not_run" in summary["ablation"]
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "instructblip", "builtin"])
@@ -132,12 +135,13 @@ def test_random_head_controls_draw_from_all_non_top_heads():
 
 
 def test_probe_helpers():
-    assert rp.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    from vlmjax.eval.stats import auroc
+
     train, test = rp.stratified_split(np.array([True] * 10 + [False] * 5), seed=0)
     assert test.sum() == 3 and not (train & test).any()
     fpr, tpr = rp.roc_curve(np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, False, True, False]))
-    np.testing.assert_allclose(np.trapezoid(tpr, fpr), rp.auroc(np.array([0.9, 0.8, 0.3, 0.1]),
-                                                                 np.array([True, False, True, False])))
+    np.testing.assert_allclose(np.trapezoid(tpr, fpr), auroc(np.array([True, False, True, False]),
+                                                              np.array([0.9, 0.8, 0.3, 0.1])))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -5,14 +5,11 @@ on Qwen2-VL's (t, h, w) grid (against NumPy on the token coordinates), and the a
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vlmjax
-from experiments.visual_heads import with_answer_token
 from vlmjax import interventions as iv
 from vlmjax import probes
-from vlmjax.verify import load_hf_model
 from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
@@ -82,25 +79,3 @@ def test_head_attention_box_region_on_qwen2_vl_grid(qwen):
     np.testing.assert_array_equal(np.asarray(hook.region_mask), expected)
     record = qwen["model"](**qwen["inputs"], hooks={"heads": hook}, logits=None)["hooks"]["heads"]["attn.pattern"]
     assert (np.asarray(record["region_weight"]) <= np.asarray(record["image_weight"]) + 1e-6).all()
-
-
-def test_answer_token_under_mrope_matches_hf(qwen):
-    model, inputs = qwen["model"], qwen["inputs"]
-    batch, _ = model.prepare(inputs)
-    extended = with_answer_token(model, model.params, batch)
-    ours = np.asarray(model.forward(model.params, extended, {}, logits="last")["logits"][:, -1])
-    hf = load_hf_model(qwen["path"])
-    ids = np.asarray(extended["input_ids"])
-    types = (ids == model.config.image_token_id).astype(np.int64)  # what the processor marks: 1 at image tokens
-    with torch.no_grad():
-        reference = hf(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(np.asarray(extended["attention_mask"]), dtype=torch.long),
-                       pixel_values=torch.tensor(inputs["pixel_values"]),
-                       image_grid_thw=torch.tensor(inputs["image_grid_thw"]),
-                       mm_token_type_ids=torch.tensor(types)).logits[:, -1].numpy()
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
-    # without the M-RoPE extension the answer token would sit at position N (wrong): the check can fail
-    wrong = dict(extended, position_ids=np.concatenate([batch["position_ids"], batch["position_ids"][..., -1:] * 0
-                                                        + ids.shape[1] - 1], axis=2))
-    assert np.abs(np.asarray(model.forward(model.params, wrong, {}, logits="last")["logits"][:, -1])
-                  - reference).max() > 1e-3

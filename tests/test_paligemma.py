@@ -16,7 +16,6 @@ from transformers import AutoConfig
 
 import vlmjax
 from converters import hf as hf_conv
-from experiments.visual_heads import with_answer_token
 from vlmjax import cli, models, probes
 from vlmjax.dola import dola_scores
 from vlmjax.errors import VlmJaxError
@@ -212,28 +211,6 @@ def test_token_sets_and_visual_attention_against_hf(padded):
         for b in range(2):
             expected = attention[b][:, text[b]][:, :, meta.mask[b]].sum(-1).mean(-1)
             np.testing.assert_allclose(mass[layer, b], expected, atol=1e-5, rtol=0)
-
-
-def test_answer_token_is_suffix_as_when_decoding(tiny):
-    path, processor, model, hf_model = tiny("gemma2")
-    inputs = dict(processor(images=_images(2, 3), text=PROMPTS, return_tensors="np", padding=True))
-    batch, _ = model.prepare(inputs)
-    extended = jax.jit(lambda params, b: with_answer_token(model, params, b))(model.params, batch)
-    assert np.asarray(extended["token_type_ids"])[:, -1].tolist() == [1, 1]
-    logits = jax.jit(lambda params, b: model.forward(params, b, {}, logits="all")["logits"])
-    ours = np.asarray(logits(model.params, extended))
-    feed = {k: torch.tensor(np.asarray(extended[k])).long() for k in ("input_ids", "attention_mask", "token_type_ids")}
-    with torch.no_grad():
-        reference = hf_model(**feed, pixel_values=torch.as_tensor(inputs["pixel_values"])).logits.numpy()
-    real = np.asarray(extended["attention_mask"]).astype(bool)
-    np.testing.assert_allclose(ours[real], reference[real], rtol=0, atol=TOL)
-    # as a prefix token the answer would be seen by the prompt: the prompt's logits change (the check can fail)
-    as_prefix = dict(extended, token_type_ids=np.asarray(extended["token_type_ids"]) * 0)
-    wrong = np.asarray(logits(model.params, as_prefix))
-    assert np.abs(wrong[:, :-1] - ours[:, :-1])[real[:, :-1]].max() > 1e-3
-
-
-# -- bad input ----------------------------------------------------------------------------------------------------
 
 
 def test_errors_for_unsupported_input(tiny, tmp_path):

@@ -34,9 +34,11 @@ def agreement_rate(answers: Sequence[str], canonical: Callable[[str], str] = nor
 def self_consistency(model, processor, images: Sequence[Image.Image], questions: Sequence[str], key, *,
                      k: int = SAMPLES, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                      max_new_tokens: int = 4, prompt: str = DEFAULT_PROMPT, batch_size: int = 4,
-                     canonical: Callable[[str], str] = normalize_answer) -> list[dict]:
+                     canonical: Callable[[str], str] = normalize_answer, pad_to: int | None = None) -> list[dict]:
     """K sampled answers per (image, question) and their agreement: [{"samples", "majority", "agreement"}].
-    `batch_size` questions (x K rows) per generate call; batch j uses `jax.random.fold_in(key, j)`."""
+    `batch_size` questions (x K rows) per generate call; batch j uses `jax.random.fold_in(key, j)`. `pad_to`: pad
+    every prompt to this many tokens (else to the batch's longest), so calls with prompts of different lengths
+    share one compilation."""
     if len(images) != len(questions):
         raise VlmJaxError(f"{len(images)} images for {len(questions)} questions; pass one image per question.")
     if k < 1:
@@ -48,7 +50,8 @@ def self_consistency(model, processor, images: Sequence[Image.Image], questions:
     for j, start in enumerate(range(0, len(images), batch_size)):
         chunk = range(start, min(start + batch_size, len(images)))
         inputs = dict(processor(images=[images[i] for i in chunk for _ in range(k)],
-                                text=[texts[i] for i in chunk for _ in range(k)], return_tensors="np", padding=True))
+                                text=[texts[i] for i in chunk for _ in range(k)], return_tensors="np",
+                                padding=True if pad_to is None else "max_length", max_length=pad_to))
         tokens = generate(model, inputs, max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                           key=jax.random.fold_in(key, j), eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)

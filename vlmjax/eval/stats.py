@@ -1,7 +1,7 @@
 """Statistics the studies use (docs/methods.md §6): McNemar, bootstrap CIs (of a statistic, of per-question
 differences, of AUROC), Cohen's h, power and the sample size for a power (N80), Beta posteriors, point-biserial
-and Pearson correlation, a paired sign-flip permutation test. All randomness comes from a seeded
-``numpy.random.Generator``.
+and Pearson correlation and their Fisher-z interval, a paired sign-flip permutation test. All randomness comes from
+a seeded ``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -135,6 +135,15 @@ def pearson(x: Sequence, y: Sequence) -> tuple[float, float]:
         raise ValueError(f"pearson needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}")
     result = scipy_stats.pearsonr(x, y)
     return float(result.statistic), float(result.pvalue)
+
+
+def correlation_interval(r: float, n: int, level: float = 0.95) -> Interval:
+    """Confidence interval of a correlation coefficient (Pearson, point-biserial) from n pairs by the Fisher z
+    transform: ``tanh(atanh(r) -+ z_{(1+level)/2} / sqrt(n - 3))``. NaN bounds for NaN r or n < 4."""
+    if not np.isfinite(r) or n < 4:
+        return Interval(float(r), float("nan"), float("nan"), level)
+    z, half = math.atanh(min(max(r, -1 + 1e-15), 1 - 1e-15)), scipy_stats.norm.ppf((1 + level) / 2) / math.sqrt(n - 3)
+    return Interval(float(r), math.tanh(z - half), math.tanh(z + half), level)
 
 
 def bootstrap_differences(reference: Sequence, conditions: Sequence, *, n_resamples: int = 10_000,
