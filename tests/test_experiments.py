@@ -87,7 +87,10 @@ def check_summary(name, summary, config):
             assert "min_probe_errors" in summary["probe_refused"] and "not_run" in summary["ablation"]
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "instructblip", "builtin"])
+# builtin:llava-shapes runs every study in test_report_runs_every_study_and_judges_every_claim too, so its own run
+# here (33 s) is in the slow set
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma", "instructblip",
+                                    pytest.param("builtin", marks=pytest.mark.slow)])
 def test_every_study_runs_on_every_family(models, family, tmp_path):
     for name, study in STUDIES.items():
         config = config_for(name, family, models, tmp_path / name)

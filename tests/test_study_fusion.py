@@ -67,7 +67,9 @@ def test_layer_drops_have_bootstrap_cis_and_the_rule_is_stated(study):
 def test_open_ended_comparison_matches_the_library_paths(study, tmp_path):
     config, s, root = study
     o = s["open_ended"]
-    assert o["kinds"] == ["colour", "count", "shape"] and o["questions"] == 6 and o["dola_layers"] == [0]
+    expected = open_ended_questions(root / "data", limit=2)  # up to 2 of each kind (this small set has 1 colour one)
+    assert o["kinds"] == ["colour", "count", "shape"] and o["questions"] == len(expected) >= 5
+    assert o["dola_layers"] == [0]
     assert set(o["systems"]) == {"plain", "method", "dola", "vicrop"} and all(o["systems"].values())
     for name in ("method", "dola", "vicrop"):
         row = o["systems"][name]["minus_plain"]
