@@ -74,11 +74,15 @@ def check_summary(name, summary, config):
         assert len({round(v["brier"], 9) for v in summary["viar"]}) > 1  # the bias changes p(yes)
     if name == "fusion_layers":
         assert len(summary["accuracy_masked_at_layer"]) == len(summary["mcnemar_p_at_layer"])
+        assert len(summary["drop_at_layer"]) == len(summary["mcnemar_p_at_layer"]) and summary["selection_rule"]
+        assert summary["open_ended"]["systems"]["plain"] and summary["open_ended"]["systems"]["vicrop"]
     if name == "visual_heads":
         assert all(len(r["random_accuracies"]) == 2 for r in summary["masking"])
     if name == "update_geometry":
         noised = summary["conditions"]["noise_delta_visual"]
         assert noised["repeats"] == 2 and noised["attention_rid"] != summary["conditions"]["plain"]["attention_rid"]
+        assert set(summary["table1"]) == {"attention", "ffn"} and summary["rope_baseline"]["resid_mid"]["mean"] > 0
+        assert len(summary["accuracy_under_noise"]["noise_delta"]["visual"]["mcnemar_p_per_repeat"]) == 2
     if name == "reliability_probes":  # the tiny sets may hold too few errors for a probe: then it says so
         if summary["probe_refused"] is None:
             assert len(summary["probe_auroc"]) == len(summary["entropy_correctness"])

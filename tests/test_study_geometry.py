@@ -135,6 +135,7 @@ def test_visual_keys_noise_matches_torch_references(tiny):
         iv.NoiseAttentionOutput.on_layers(3, jax.random.key(0), scope="keys")
 
 
+@pytest.mark.slow  # four conditions, each its own compile of the geometry forward (about a minute each on 2 cores)
 def test_study_writes_table1_rope_baseline_and_accuracy_table(tmp_path):
     generate_dataset(str(tmp_path / "data"), 10, 1234, image_size=64, progress=False)
     config = json.loads(update_geometry.CONFIG.read_text())
