@@ -38,16 +38,16 @@ class Case:
                     self.score_edit or other.score_edit)
 
 
-def assert_matches_hf(setup, case: Case, tol: float = TOL) -> np.ndarray:
+def assert_matches_hf(setup, case: Case) -> np.ndarray:
     """vlmjax with the case's hooks changes the logits (else the comparison proves nothing) and equals HF with its
-    torch hooks within `tol` at every real position; returns vlmjax's logits."""
+    torch hooks within TOL at every real position; returns vlmjax's logits."""
     ours = np.asarray(setup["model"](**setup["inputs"], hooks=case.hooks)["logits"])
     hf = setup["hf"]
     with scores_edit(hf, case.score_edit) if case.score_edit else contextlib.nullcontext():
         theirs = hf_logits(hf, setup["inputs"], *case.register(hf))
     valid = setup["valid"]
     assert np.abs(ours - setup["plain"])[valid].max() > 1e-3
-    assert np.abs(ours - theirs)[valid].max() < tol
+    assert np.abs(ours - theirs)[valid].max() < TOL
     return ours
 
 
