@@ -54,7 +54,7 @@ def hf_tensors(config) -> list[tuple[str, tuple]]:
 
     cfg = models.from_hf(config)
     module = model_module(cfg)
-    keymap = KeyMap(module.KEY_ROWS)
+    keymap = KeyMap(module.KEY_ROWS, cfg)
     out = []
     for p, shape in expected_shapes(cfg).items():
         for key, layer, transform in keymap.hf_keys(p, shape[0] if _stacked(p) else None):

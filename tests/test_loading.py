@@ -12,10 +12,10 @@ from safetensors.numpy import load_file
 import vlmjax
 from converters import hf as hf_conv
 from converters.keymaps import KeyMap
-from vlmjax import models
 from vlmjax import cli
 from vlmjax.sharding import DEFAULT_RULES, make_mesh, param_shardings
 from vlmjax.testing.tiny import make_tiny_llava
+from vlmjax.testing.tiny_instructblip import make_tiny_instructblip
 
 # The up-projection's layer axis split over "model" exercises the path that reads whole layers per device.
 LAYER_SPLIT_RULES = ((r"text/layers/up/kernel$", P("model", None, None)), *DEFAULT_RULES)
@@ -31,7 +31,7 @@ def path(tmp_path_factory):
 def host_read(path, cfg, dtype) -> dict:
     """An independent plain host read: every tensor of every file, mapped by the family's key table (HF's [out, in]
     linear and conv kernels transposed to vlmjax's [in, out]), cast, and stacked per layer."""
-    keymap, shapes = KeyMap(models.family(cfg.model_type).KEY_ROWS), hf_conv.expected_shapes(cfg)
+    keymap, shapes = KeyMap(hf_conv.model_module(cfg).KEY_ROWS, cfg), hf_conv.expected_shapes(cfg)
     out = {p: np.zeros(s, np.dtype(jnp.dtype(dtype))) for p, s in shapes.items()}
     for file in sorted(Path(path).glob("*.safetensors")):
         for key, value in load_file(file).items():
@@ -73,6 +73,13 @@ def test_single_device_load_equals_host_read(path):
     model = vlmjax.load(path, progress=False)
     _same(model.params, host_read(path, model.config, "float32"))
     assert {x.sharding.device_set.pop().id for x in hf_conv.flatten(model.params).values()} == {0}
+
+
+def test_instructblip_load_equals_host_read(tmp_path):
+    """InstructBLIP's cross-attention rows name HF layers 0 and 2 only: the host read maps them by the config."""
+    make_tiny_instructblip(tmp_path)
+    model = vlmjax.load(tmp_path, progress=False)
+    _same(model.params, host_read(tmp_path, model.config, "float32"))
 
 
 def test_converted_checkpoint_restores_into_the_mesh(path, tmp_path):
