@@ -28,6 +28,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_processes(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Run `python argv` as processes 0 and 1 of one jax.distributed job on this machine, with `env` added to the
+    environment; both must exit 0. Their logs (stdout and stderr)."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        job = {**os.environ, "PYTHONPATH": str(ROOT), **env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=job, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
 def _inputs(image_token_id: int, rows: int = 4, seed: int = 0) -> dict:
     """4 left-padded prompts of one 56 px image each (16 image tokens) and different text lengths."""
     rng = np.random.default_rng(seed)
@@ -49,21 +69,8 @@ def test_two_processes_equal_one(tmp_path):
     inputs = _inputs(model.config.image_token_id)
     np.savez(tmp_path / "inputs.npz", **inputs)
 
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "model"),
-                                       str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    _two_processes([str(WORKER), str(tmp_path / "model"), str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+                   {})
     got = np.load(tmp_path / "out.npz")
 
     out = model(**inputs, hooks={"visual": VisualAttention()})
@@ -91,21 +98,8 @@ def test_distributed_eval_merges_to_the_single_process_records(tmp_path, capsys)
     args = ["eval", "--n-images", "10", "--limit", "5", "--batch-size", "4"]
     assert cli.main([*args, "--out", str(single)]) == 0
     table = capsys.readouterr().out.splitlines()[-1]
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "vlmjax.cli", *args, "--distributed", "--data",
-                                       str(single / "data"), "--out", str(tmp_path / "multi")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    logs = _two_processes(["-m", "vlmjax.cli", *args, "--distributed", "--data", str(single / "data"), "--out",
+                           str(tmp_path / "multi")], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     parts = sorted(p.name for p in (tmp_path / "multi").glob("results.part-*.jsonl"))
     assert parts == ["results.part-000-of-002.jsonl", "results.part-001-of-002.jsonl"]
     assert all(len((tmp_path / "multi" / p).read_text().splitlines()) in (7, 8) for p in parts)  # 15 questions

@@ -11,11 +11,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import vlmjax
 from converters import hf as hf_conv
+from tests.family_fixtures import TOL, assert_hf_parity, long_text, random_images
 from vlmjax import cli
 from vlmjax import generate as gen
 from vlmjax import interventions as iv
@@ -23,17 +23,15 @@ from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Hook, QFormerCapture
 from vlmjax.testing.tiny_instructblip import NUM_QUERY_TOKENS as Q
 from vlmjax.testing.tiny_instructblip import make_tiny_instructblip
-from vlmjax.verify import compare, load_hf_model, run_hf
+from vlmjax.verify import load_hf_model, run_hf
 from vlmjax.visual import QUERY
 
-TOL = 1e-4
 PROMPTS = ["USER: what is in the image ? ASSISTANT:",
            "USER: how many red circle are there in the box on the left ? yes or no ? ASSISTANT: the"]
 
 
 def _images(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((40 + 20 * i, 60, 3)) * 255).astype("uint8")) for i in range(n)]
+    return random_images([(40 + 20 * i, 60) for i in range(n)], seed)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +50,7 @@ def _feed(inputs):
 
 
 def _parity(tiny, inputs, **options):
-    ours = tiny["model"](**inputs, output_hidden_states=True, output_attentions=True, **options)
-    result = compare(ours, run_hf(tiny["hf"], inputs), inputs["attention_mask"])
-    assert len(result.hidden_states) == 4 and len(result.attentions) == 3
-    assert result.worst <= TOL, result.table()
-    return ours
+    return assert_hf_parity(tiny["model"], tiny["hf"], inputs, **options)
 
 
 def test_parity_left_padded_batch_of_two_images_with_vision_and_qformer(tiny):
@@ -98,8 +92,7 @@ def test_parity_left_padded_batch_of_two_images_with_vision_and_qformer(tiny):
 
 
 def test_parity_prompt_of_500_tokens(tiny):
-    words = "the red circle is left of a blue square and".split()
-    text = "USER: " + " ".join(words[i % len(words)] for i in range(520)) + " ? ASSISTANT:"
+    text = f"USER: {long_text()} ? ASSISTANT:"
     inputs = dict(tiny["processor"](images=_images(1, seed=3), text=[text], return_tensors="np"))
     assert inputs["input_ids"].shape[1] >= 500 and inputs["qformer_input_ids"].shape[1] >= 500
     _parity(tiny, inputs)

@@ -5,25 +5,23 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import vlmjax
 from converters import hf as hf_conv
 from converters.keymaps import canonical_key
+from tests.family_fixtures import TOL, long_text, random_images
 from vlmjax import cli
 from vlmjax.errors import VlmJaxError
 from vlmjax.verify import compare, load_hf_model, run_hf
 from vlmjax.testing.tiny import make_tiny_llava
 
-TOL = 1e-4
 IMG = "<image>"
 
 
 def _images(n, seed=0):
-    rng = np.random.default_rng(seed)
     sizes = [(80, 60), (40, 90), (56, 56), (70, 30)]
-    return [Image.fromarray((rng.random((*sizes[i % 4], 3)) * 255).astype("uint8")) for i in range(n)]
+    return random_images([sizes[i % 4] for i in range(n)], seed)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +74,7 @@ def test_parity_two_images_in_one_prompt(tiny):
 @pytest.mark.parametrize("variant", ["gqa", "mistral"])
 def test_parity_long_prompt(tiny, variant):
     path, processor = tiny(variant)
-    words = "the red circle is left of a blue square and".split()
-    long_text = f"USER: {IMG} " + " ".join(words[i % len(words)] for i in range(520)) + " ? ASSISTANT:"
-    inputs = dict(processor(images=_images(1), text=[long_text], return_tensors="np"))
+    inputs = dict(processor(images=_images(1), text=[f"USER: {IMG} {long_text()} ? ASSISTANT:"], return_tensors="np"))
     assert inputs["input_ids"].shape[1] >= 500
     _parity(path, inputs)
 

@@ -9,21 +9,19 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution  # noqa: E402
 from transformers.models.llava_next import modeling_llava_next as hf_next  # noqa: E402
 
-import vlmjax  # noqa: E402
 from converters.hf import save_hf  # noqa: E402
 from converters.keymaps import canonical_key  # noqa: E402
+from tests.family_fixtures import TOL, assert_hf_parity, checkpoints, model_inputs, random_images  # noqa: E402
 from vlmjax.errors import VlmJaxError  # noqa: E402
 from vlmjax.models import llava_next  # noqa: E402
-from vlmjax.verify import compare, load_hf_model, run_hf  # noqa: E402
+from vlmjax.verify import load_hf_model, run_hf  # noqa: E402
 from vlmjax.testing.tiny_llava_next import PINPOINTS, VARIANTS, make_tiny_llava_next  # noqa: E402
 from vlmjax.visual import BASE, CROP, NEWLINE, TEXT  # noqa: E402
 
-TOLERANCE = 1e-4
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 LONG_PROMPT = "USER: <image> how many red circle are there in the box ? yes no ASSISTANT: the"
 # (image (height, width) per sample, prompts): every image fills its crop grid differently
@@ -39,30 +37,15 @@ REAL_CONFIG = dict(image_size=336, patch_size=14, pinpoints=[[336, 672], [672, 3
                                                              [336, 1008]])
 
 
-def pictures(sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in sizes]
-
-
 def processor_inputs(processor, case):
     sizes, prompts = CASES[case]
-    return processor(images=pictures(sizes), text=prompts, return_tensors="np", padding=True)
+    return model_inputs(processor, prompts, random_images(sizes))
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """Each variant's tiny checkpoint, built once: its path, processor, vlmjax model and HF reference model."""
-    built = {}
-
-    def get(variant):
-        if variant not in built:
-            path = tmp_path_factory.mktemp(variant)
-            _, processor = make_tiny_llava_next(path, variant=variant)
-            built[variant] = dict(path=path, processor=processor, model=vlmjax.load(path, progress=False),
-                                  hf=load_hf_model(path))
-        return built[variant]
-
-    return get
+    """`build(variant)`: each variant's tiny checkpoint (path, processor, vlmjax model, HF model), built once."""
+    return checkpoints(tmp_path_factory, make_tiny_llava_next)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -81,7 +64,7 @@ def vicuna(build):
 def test_layout_matches_hf_on_the_real_grid(vicuna):
     """Best pinpoint, crop grid and unpadded mosaic size as HF computes them, on LLaVA-1.6's own geometry."""
     size, patch, pinpoints = REAL_CONFIG["image_size"], REAL_CONFIG["patch_size"], REAL_CONFIG["pinpoints"]
-    tiny_cfg = vicuna["model"].config
+    tiny_cfg = vicuna.model.config
     cfg = dataclasses.replace(tiny_cfg, vision=dataclasses.replace(tiny_cfg.vision, image_size=size, patch_size=patch),
                               image_grid_pinpoints=tuple(map(tuple, pinpoints)))
     rng = np.random.default_rng(0)
@@ -104,19 +87,15 @@ def test_layout_matches_hf_on_the_real_grid(vicuna):
 
 @pytest.mark.parametrize("case", ["wide_and_square", "two_in_one_sample", "tall_and_square"])
 def test_parity_with_hf(tiny, case):
-    inputs = processor_inputs(tiny["processor"], case)
+    inputs = processor_inputs(tiny.processor, case)
     grids = {hf_select_best_resolution(tuple(s), PINPOINTS) for s in inputs["image_sizes"]}
     assert len(grids) == 2, "each case should exercise two different crop grids"
-    out = tiny["model"](**inputs, output_hidden_states=True, output_attentions=True)
-    reference = run_hf(tiny["hf"], inputs)
-    result = compare(out, reference, inputs["attention_mask"])
-    assert len(result.hidden_states) == tiny["model"].config.text.num_layers + 1
-    assert result.worst <= TOLERANCE, f"{case}:\n{result.table()}"
+    assert_hf_parity(tiny.model, tiny.hf, inputs)
 
 
 def test_padded_batch_drops_padding_crops(vicuna):
-    inputs = processor_inputs(vicuna["processor"], "wide_and_square")
-    batch, _ = vicuna["model"].prepare(inputs)
+    inputs = processor_inputs(vicuna.processor, "wide_and_square")
+    batch, _ = vicuna.model.prepare(inputs)
     assert inputs["pixel_values"].shape[:2] == (2, 5)  # the processor pads the 3-patch image to 5
     np.testing.assert_array_equal(batch["pixel_values"], np.concatenate(
         [inputs["pixel_values"][0, :3], inputs["pixel_values"][1]]))
@@ -126,17 +105,17 @@ def test_padded_batch_drops_padding_crops(vicuna):
 
 
 def test_round_trip_to_hf(vicuna, tmp_path):
-    model = vicuna["model"]
-    out_dir = save_hf(model.params, model.config, model.hf_config, tmp_path / "hf", source_dir=vicuna["path"])
+    model = vicuna.model
+    out_dir = save_hf(model.params, model.config, model.hf_config, tmp_path / "hf", source_dir=vicuna.path)
 
     def keys(directory):
         with safe_open(str(directory / "model.safetensors"), framework="np") as f:
             return set(f.keys())
 
-    assert keys(out_dir) == {canonical_key(k) for k in keys(vicuna["path"])}  # HF itself saves the legacy layout
-    inputs = processor_inputs(vicuna["processor"], "wide_and_square")
+    assert keys(out_dir) == {canonical_key(k) for k in keys(vicuna.path)}  # HF itself saves the legacy layout
+    inputs = processor_inputs(vicuna.processor, "wide_and_square")
     again = run_hf(load_hf_model(out_dir), inputs)["logits"]
-    np.testing.assert_array_equal(again, run_hf(vicuna["hf"], inputs)["logits"])
+    np.testing.assert_array_equal(again, run_hf(vicuna.hf, inputs)["logits"])
 
 
 # -- visual-token metadata ---------------------------------------------------------------------------------------
@@ -146,9 +125,9 @@ def test_round_trip_to_hf(vicuna, tmp_path):
 def test_metadata_follows_hf_packing(vicuna, case):
     """Feed HF's pack_image_features features that carry their own (patch, token) index, and check that each image
     token's kind, image, grid coordinate and gather row say where HF put what."""
-    inputs = processor_inputs(vicuna["processor"], case)
-    batch, meta = vicuna["model"].prepare(inputs)
-    cfg, hf_model = vicuna["model"].config, vicuna["hf"]
+    inputs = processor_inputs(vicuna.processor, case)
+    batch, meta = vicuna.model.prepare(inputs)
+    cfg, hf_model = vicuna.model.config, vicuna.hf
     g = cfg.vision.grid_size
     num_patches, per_patch, d = batch["pixel_values"].shape[0], g * g, cfg.text.hidden_size
     marked = torch.arange(num_patches * per_patch, dtype=torch.float32).reshape(num_patches, per_patch, 1)
@@ -194,7 +173,7 @@ def test_metadata_follows_hf_packing(vicuna, case):
 
 @pytest.fixture(scope="module")
 def good_inputs(vicuna):
-    return dict(processor_inputs(vicuna["processor"], "wide_and_square"))
+    return dict(processor_inputs(vicuna.processor, "wide_and_square"))
 
 
 def test_error_token_count_does_not_match_image_sizes(vicuna, good_inputs):
@@ -202,13 +181,13 @@ def test_error_token_count_does_not_match_image_sizes(vicuna, good_inputs):
     sizes[0] = sizes[0][::-1]  # the wide image declared tall: 40 tokens instead of 34
     inputs = {**good_inputs, "image_sizes": sizes}
     with pytest.raises(VlmJaxError, match=r"image tokens but image_sizes imply"):
-        vicuna["model"].prepare(inputs)
+        vicuna.model.prepare(inputs)
 
 
 def test_error_missing_image_sizes(vicuna, good_inputs):
     inputs = {k: v for k, v in good_inputs.items() if k != "image_sizes"}
     with pytest.raises(VlmJaxError, match="image_sizes is required"):
-        vicuna["model"].prepare(inputs)
+        vicuna.model.prepare(inputs)
 
 
 @pytest.mark.parametrize("bad_pixels, message", [
@@ -218,47 +197,47 @@ def test_error_missing_image_sizes(vicuna, good_inputs):
 ])
 def test_error_pixel_values_shape(vicuna, good_inputs, bad_pixels, message):
     with pytest.raises(VlmJaxError, match=message):
-        vicuna["model"].prepare({**good_inputs, "pixel_values": bad_pixels(good_inputs["pixel_values"])})
+        vicuna.model.prepare({**good_inputs, "pixel_values": bad_pixels(good_inputs["pixel_values"])})
 
 
 def test_error_image_sizes_shape(vicuna, good_inputs):
     with pytest.raises(VlmJaxError, match=r"image_sizes must be positive integers \[images, 2\]"):
-        vicuna["model"].prepare({**good_inputs, "image_sizes": good_inputs["image_sizes"][:1]})
+        vicuna.model.prepare({**good_inputs, "image_sizes": good_inputs["image_sizes"][:1]})
 
 
 def test_error_image_tokens_without_pixels(vicuna, good_inputs):
     inputs = {k: v for k, v in good_inputs.items() if k not in ("pixel_values", "image_sizes")}
     with pytest.raises(VlmJaxError, match="no pixel_values were given"):
-        vicuna["model"].prepare(inputs)
+        vicuna.model.prepare(inputs)
 
 
 def test_error_image_tokens_not_contiguous(vicuna, good_inputs):
     ids = good_inputs["input_ids"].copy()
-    image_token = vicuna["model"].config.image_token_id
+    image_token = vicuna.model.config.image_token_id
     start = int(np.flatnonzero(ids[0] == image_token)[0])
     ids[0, [start - 1, start]] = ids[0, [start, start - 1]]  # same count, a text token now splits the run
     with pytest.raises(VlmJaxError, match="not one contiguous run"):
-        vicuna["model"].prepare({**good_inputs, "input_ids": ids})
+        vicuna.model.prepare({**good_inputs, "input_ids": ids})
 
 
 def test_error_full_strategy(vicuna, good_inputs):
-    cfg = dataclasses.replace(vicuna["model"].config, vision_feature_select_strategy="full")
+    cfg = dataclasses.replace(vicuna.model.config, vision_feature_select_strategy="full")
     with pytest.raises(VlmJaxError, match="vision_feature_select_strategy='full'"):
         llava_next.prepare_batch(cfg, good_inputs, np.float32)
 
 
 def test_error_pinpoints_not_multiples_of_crop(vicuna):
-    hf_config = vicuna["model"].hf_config.__class__.from_dict(vicuna["model"].hf_config.to_dict())
+    hf_config = vicuna.model.hf_config.__class__.from_dict(vicuna.model.hf_config.to_dict())
     hf_config.image_grid_pinpoints = [[30, 56]]
     with pytest.raises(VlmJaxError, match="multiples of the vision tower's image_size 28"):
         llava_next.config_from_hf(hf_config)
 
 
 def test_text_only_batch_runs(vicuna):
-    inputs = vicuna["processor"](text=["what is in the image ?"], return_tensors="np")
-    out = vicuna["model"](**inputs)
-    assert not out.visual.mask.any() and "pixel_values" not in vicuna["model"].prepare(inputs)[0]
-    assert np.abs(np.asarray(out.logits) - run_hf(vicuna["hf"], dict(inputs))["logits"]).max() <= TOLERANCE
+    inputs = vicuna.processor(text=["what is in the image ?"], return_tensors="np")
+    out = vicuna.model(**inputs)
+    assert not out.visual.mask.any() and "pixel_values" not in vicuna.model.prepare(inputs)[0]
+    assert np.abs(np.asarray(out.logits) - run_hf(vicuna.hf, dict(inputs))["logits"]).max() <= TOL
 
 
 def test_vision_tower_and_packing_alone_match_hf(vicuna):
@@ -268,11 +247,11 @@ def test_vision_tower_and_packing_alone_match_hf(vicuna):
 
     from vlmjax.hooks import Capture
 
-    inputs = dict(processor_inputs(vicuna["processor"], "wide_and_square"))
-    out = vicuna["model"](**inputs, hooks={"embed": Capture(sites=frozenset({"embed"}))}, logits=None)
-    ours = np.asarray(out["hooks"]["embed"]["embed"])[inputs["input_ids"] == vicuna["model"].config.image_token_id]
+    inputs = dict(processor_inputs(vicuna.processor, "wide_and_square"))
+    out = vicuna.model(**inputs, hooks={"embed": Capture(sites=frozenset({"embed"}))}, logits=None)
+    ours = np.asarray(out["hooks"]["embed"]["embed"])[inputs["input_ids"] == vicuna.model.config.image_token_id]
     with torch.no_grad():
-        packed = vicuna["hf"].model.get_image_features(pixel_values=torch.as_tensor(inputs["pixel_values"]),
+        packed = vicuna.hf.model.get_image_features(pixel_values=torch.as_tensor(inputs["pixel_values"]),
                                                        image_sizes=torch.as_tensor(inputs["image_sizes"]))
     theirs = torch.cat(list(packed.pooler_output)).numpy()
     assert ours.shape == theirs.shape

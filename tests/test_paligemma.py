@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig
 
 import vlmjax
 from converters import hf as hf_conv
+from tests.family_fixtures import TOL, assert_hf_parity, checkpoints, long_text, random_images
 from vlmjax import cli, models, probes
 from vlmjax.dola import dola_scores
 from vlmjax.errors import VlmJaxError
@@ -25,15 +25,13 @@ from vlmjax.models.decoder import unembed_matrix
 from vlmjax.testing.tiny_paligemma import make_tiny_paligemma
 from vlmjax.verify import compare, load_hf_model, run_hf
 
-TOL = 1e-4
 WINDOW = 8  # the tiny Gemma 2's sliding window
 PROMPTS = ["<image>what is in the image ?", "<image>is there a red circle in the box on the left ? yes or no"]
 SUFFIXES = ["yes", "no , the red circle is left of a blue square and the star"]  # 14 suffix tokens > WINDOW
 
 
 def _images(n, seed=0, size=(40, 30)):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8")) for _ in range(n)]
+    return random_images([size] * n, seed)
 
 
 def _leaves(tree):
@@ -42,17 +40,8 @@ def _leaves(tree):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """{variant: (path, processor, model, hf model)}, each built once."""
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            path = tmp_path_factory.mktemp(variant)
-            _, processor = make_tiny_paligemma(path, variant=variant)
-            cache[variant] = (path, processor, vlmjax.load(path, progress=False), load_hf_model(path))
-        return cache[variant]
-
-    return get
+    """`tiny(variant)`: each variant's (path, processor, model, hf model), built and loaded once."""
+    return checkpoints(tmp_path_factory, make_tiny_paligemma)
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +107,10 @@ def test_vision_tower_output(tiny, padded):
 
 def test_parity_long_prompt_past_the_window(tiny):
     _, processor, model, hf_model = tiny("gemma2")
-    words = "the red circle is left of a blue square and".split()
-    text = "<image>" + " ".join(words[i % len(words)] for i in range(520))
-    inputs = dict(processor(images=_images(1, 1), text=[text], suffix=[" ".join(words * 2)], return_tensors="np"))
+    inputs = dict(processor(images=_images(1, 1), text=["<image>" + long_text()], suffix=[long_text(20)],
+                            return_tensors="np"))
     assert inputs["input_ids"].shape[1] >= 500 and inputs["token_type_ids"].sum() > WINDOW
-    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
-    result = compare(ours, run_hf(hf_model, inputs))
-    assert result.worst <= TOL, result.table()
+    assert_hf_parity(model, hf_model, inputs)
 
 
 def test_greedy_generate_equals_hf(tiny):

@@ -9,30 +9,28 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 from transformers.vision_utils import get_vision_window_index
 
 import vlmjax
 from converters import hf as hf_conv
+from tests.family_fixtures import TOL, Checkpoint, assert_hf_parity, long_text, model_inputs, random_images
+from tests.family_fixtures import qwen_vision_towers
 from vlmjax import cli
 from vlmjax.errors import VlmJaxError
 from vlmjax.generate import generate
 from vlmjax.models.qwen2_5_vl import window_layout
-from vlmjax.hooks import Capture, VisionCapture
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
-from vlmjax.verify import compare, load_hf_model, run_hf
+from vlmjax.verify import load_hf_model, run_hf
 
-TOL = 1e-4
 # (height, width) -> patch grid with the tiny processor: 4x4 (4 tokens, 1 window), 4x8 (8 tokens, 2 windows of 2x2
 # merged tokens), 6x10 (15 tokens, 6 windows of 4, 2, 4, 2, 2 and 1 tokens: the last row and column ragged).
 SIZES = {"4x4": (56, 56), "4x8": (56, 112), "6x10": (84, 140)}
 
 
 def _image(size, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((*SIZES[size], 3)) * 255).astype("uint8"))
+    return random_images([SIZES[size]], seed)[0]
 
 
 @pytest.fixture(scope="module")
@@ -40,35 +38,25 @@ def tiny(tmp_path_factory):
     """(path, processor, vlmjax model, HF model) of a tiny Qwen2.5-VL: vision layers 0 and 2 windowed, 1 full."""
     path = tmp_path_factory.mktemp("qwen2_5_vl")
     _, processor = make_tiny_qwen2_5_vl(path)
-    return path, processor, vlmjax.load(path, progress=False), load_hf_model(path)
-
-
-def _inputs(processor, texts, images=None, **kw):
-    return dict(processor(images=images, text=texts, return_tensors="np", padding=True, **kw))
+    return Checkpoint(path, processor, vlmjax.load(path, progress=False), load_hf_model(path))
 
 
 def _parity(tiny, inputs):
-    _, _, model, hf_model = tiny
-    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
-    result = compare(ours, run_hf(hf_model, inputs), inputs["attention_mask"])
-    assert len(result.hidden_states) == model.config.text.num_layers + 1
-    assert len(result.attentions) == model.config.text.num_layers
-    assert result.worst <= TOL, result.table()
-    return ours
+    return assert_hf_parity(tiny.model, tiny.hf, inputs)
 
 
 def test_config_has_windowed_and_full_layers(tiny):
-    vision = tiny[2].config.vision
+    vision = tiny.model.config.vision
     assert vision.full_attention_layers == (1,) and vision.full_attention_flags.tolist() == [False, True, False]
     assert vision.window_tokens == 2 and vision.hidden_act == "silu"
 
 
 def test_parity_left_padded_batch_with_two_images_of_different_sizes(tiny):
     """Sample 0 (left-padded) holds one image; sample 1 two of different sizes, one with ragged windows."""
-    processor = tiny[1]
+    processor = tiny.processor
     texts = [f"USER: {IMAGE_PROMPT} how many red circle are there ? ASSISTANT:",
              f"USER: {IMAGE_PROMPT} left and {IMAGE_PROMPT} right : what is the same ?"]
-    inputs = _inputs(processor, texts, [_image("4x4", 1), _image("4x8", 2), _image("6x10", 3)])
+    inputs = model_inputs(processor, texts, [_image("4x4", 1), _image("4x8", 2), _image("6x10", 3)])
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8], [1, 6, 10]]
     assert (inputs["attention_mask"][0] == 0).any(), "the batch must be left-padded"
     ours = _parity(tiny, inputs)
@@ -76,10 +64,9 @@ def test_parity_left_padded_batch_with_two_images_of_different_sizes(tiny):
 
 
 def test_parity_long_prompt(tiny):
-    processor = tiny[1]
-    words = "the red circle is left of a blue square and".split()
-    text = f"USER: {IMAGE_PROMPT} " + " ".join(words[i % len(words)] for i in range(520)) + " ? ASSISTANT:"
-    inputs = _inputs(processor, [text], [_image("6x10", 5)])
+    processor = tiny.processor
+    text = f"USER: {IMAGE_PROMPT} {long_text()} ? ASSISTANT:"
+    inputs = model_inputs(processor, [text], [_image("6x10", 5)])
     assert inputs["input_ids"].shape[1] >= 500
     _parity(tiny, inputs)
 
@@ -91,7 +78,7 @@ def test_vision_tower_windows_against_hf(tiny):
     never across images or to padding."""
     _, processor, model, hf_model = tiny
     grids = [[1, 4, 8], [1, 4, 4]]
-    inputs = _inputs(processor, [f"{IMAGE_PROMPT} {IMAGE_PROMPT}"], [_image("4x8", 6), _image("4x4", 7)])
+    inputs = model_inputs(processor, [f"{IMAGE_PROMPT} {IMAGE_PROMPT}"], [_image("4x8", 6), _image("4x4", 7)])
     assert inputs["image_grid_thw"].tolist() == grids
     batch, _ = model.prepare(inputs)
     v = model.config.vision
@@ -103,12 +90,7 @@ def test_vision_tower_windows_against_hf(tiny):
     np.testing.assert_array_equal(batch["vision_window_order"][patches:], np.arange(patches, 64))  # padding stays
     assert cu_windows.tolist() == [0, 16, 32, 48]  # image 0: two windows of 2x2 merged tokens; image 1: one
 
-    hooks = {"features": Capture(sites=frozenset({"vision.features"})),
-             "vision": VisionCapture(sites=frozenset({"attn.pattern"}))}
-    out = model(**inputs, hooks=hooks)
-    with torch.no_grad():
-        theirs = hf_model.model.visual(torch.as_tensor(inputs["pixel_values"]),
-                                       grid_thw=torch.as_tensor(inputs["image_grid_thw"]))
+    out, theirs = qwen_vision_towers(model, hf_model, inputs)
     features = np.asarray(out["hooks"]["features"]["vision.features"])[0]
     assert features.shape[0] == 64  # 48 patches padded to the next power of two
     np.testing.assert_allclose(features[hf_order], theirs.last_hidden_state.numpy(), atol=TOL, rtol=0)
@@ -125,7 +107,7 @@ def test_vision_tower_windows_against_hf(tiny):
 def test_window_layout_equals_hf_window_index(tiny):
     """Our window order and window ids against HF's `get_vision_window_index` (merged-token order, cumulative window
     lengths) on grids with ragged windows, two frames, several images."""
-    v = tiny[2].config.vision
+    v = tiny.model.config.vision
     for grids in ([[1, 6, 10]], [[2, 4, 4]], [[1, 4, 8], [2, 6, 4], [1, 10, 6]], [[1, 8, 8]]):
         order, windows = window_layout(np.array(grids), v)
         index, cu = get_vision_window_index(torch.as_tensor(grids), v.spatial_merge_size, v.window_size, v.patch_size)
@@ -146,7 +128,7 @@ def test_position_ids_equal_hf_get_rope_index(tiny):
                   "pixel_values": np.zeros((32, model.config.vision.patch_dim), np.float32),
                   "image_grid_thw": np.array([[2, 4, 4]])}
     two_frames["mm_token_type_ids"] = (two_frames["input_ids"] == image).astype(int)
-    for inputs in (_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?", "USER: no image , only text"],
+    for inputs in (model_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?", "USER: no image , only text"],
                            [_image("4x8", 9), _image("6x10", 10)]), two_frames):
         batch, _ = model.prepare(inputs)
         positions, deltas = hf_model.model.get_rope_index(
@@ -163,7 +145,7 @@ def test_greedy_decoding_equals_hf_generate(tiny):
     _, processor, model, hf_model = tiny
     texts = [f"USER: {IMAGE_PROMPT} what is in the image ? ASSISTANT:",
              f"USER: {IMAGE_PROMPT} is there a red circle in the box ? yes or no ? ASSISTANT:"]
-    inputs = _inputs(processor, texts, [_image("6x10", 11), _image("4x8", 12)])
+    inputs = model_inputs(processor, texts, [_image("6x10", 11), _image("4x8", 12)])
     feed = {k: torch.as_tensor(v) for k, v in inputs.items()}
     ref = hf_model.generate(**feed, max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=3)
     ours = generate(model, inputs, 8, eos_token_id=2, pad_token_id=3)
@@ -189,7 +171,7 @@ def test_both_key_layouts_and_round_trips(tiny, tmp_path):
         for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(model.params), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"], [_image("4x8"), _image("4x4")])
+    inputs = model_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"], [_image("4x8"), _image("4x4")])
     out_dir = hf_conv.save_hf(model.params, model.config, model.hf_config, tmp_path / "hf", source_dir=path)
     saved = load_file(out_dir / "model.safetensors")
     assert "model.visual.merger.ln_q.weight" in saved and "model.visual.blocks.2.mlp.down_proj.bias" in saved
@@ -201,21 +183,26 @@ def test_both_key_layouts_and_round_trips(tiny, tmp_path):
 
 def test_error_video_input(tiny):
     _, processor, model, _ = tiny
-    inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} ?"], [_image("4x4")])
+    inputs = model_inputs(processor, [f"USER: {IMAGE_PROMPT} ?"], [_image("4x4")])
     videos = {**inputs, "pixel_values_videos": inputs["pixel_values"], "video_grid_thw": inputs["image_grid_thw"]}
     with pytest.raises(VlmJaxError, match=r"Video input \(pixel_values_videos, video_grid_thw\) is not supported"):
         model(**videos)
     with pytest.raises(VlmJaxError, match="second_per_grid_ts.*not supported"):
         model.prepare({**inputs, "second_per_grid_ts": np.array([1.0])})
     marked = {**inputs, "mm_token_type_ids": np.where(inputs["mm_token_type_ids"] == 1, 2, 0)}
-    with pytest.raises(VlmJaxError, match="marks video tokens"):
+    with pytest.raises(VlmJaxError, match=r"marks video tokens; vlmjax's Qwen2\.5-VL takes images only"):
         model.prepare(marked)
     model.prepare({**inputs, "second_per_grid_ts": None})  # what a processor returns without videos
 
 
+def test_error_float16_names_qwen2_5_vl(tiny):
+    with pytest.raises(VlmJaxError, match=r"^Qwen2\.5-VL does not run in float16.*bfloat16"):
+        vlmjax.load(tiny.path, dtype="float16", progress=False)
+
+
 def test_error_unsupported_options_and_bad_configs(tiny, tmp_path):
     path, processor, model, _ = tiny
-    inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} ?"], [_image("4x4")])
+    inputs = model_inputs(processor, [f"USER: {IMAGE_PROMPT} ?"], [_image("4x4")])
     batch, _ = model.prepare(inputs)
     with pytest.raises(VlmJaxError, match="equal_images .* not implemented for Qwen2.5-VL"):
         model.forward(model.params, batch, equal_images=1)

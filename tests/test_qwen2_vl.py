@@ -9,67 +9,47 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import vlmjax
 from converters import hf as hf_conv
+from tests.family_fixtures import TOL, assert_hf_parity, checkpoints, long_text, model_inputs, random_images
+from tests.family_fixtures import qwen_vision_towers
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Capture, VisionCapture
-from vlmjax.verify import compare, load_hf_model, run_hf
+from vlmjax.verify import load_hf_model, run_hf
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
-TOL = 1e-4
 # (height, width) -> merged grids with the tiny processor's pixel budget: 4x4 patches (16, 4 tokens),
 # 4x6 (24, 6 tokens), 4x8 (32, 8 tokens), 6x10 (60, 15 tokens).
 SIZES = {"4x4": (56, 56), "4x6": (56, 84), "4x8": (56, 112), "6x10": (84, 140)}
 
 
 def _image(size, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((*SIZES[size], 3)) * 255).astype("uint8"))
+    return random_images([SIZES[size]], seed)[0]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Each variant built, loaded into vlmjax and into HF once: {variant: (path, processor, model, hf_model)}."""
-    cache = {}
-
-    def get(variant="gqa"):
-        if variant not in cache:
-            path = tmp_path_factory.mktemp(f"qwen2_vl_{variant}")
-            _, processor = make_tiny_qwen2_vl(path, variant=variant)
-            cache[variant] = (path, processor, vlmjax.load(path, progress=False), load_hf_model(path))
-        return cache[variant]
-
-    return get
-
-
-def _inputs(processor, texts, images=None, padding=True, **kw):
-    return dict(processor(images=images, text=texts, return_tensors="np", padding=padding, **kw))
+    """`tiny(variant="gqa")`: each variant's (path, processor, model, hf model), built and loaded once."""
+    return checkpoints(tmp_path_factory, make_tiny_qwen2_vl, "gqa")
 
 
 def _parity(tiny, inputs, variant="gqa"):
     _, _, model, hf_model = tiny(variant)
-    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
-    result = compare(ours, run_hf(hf_model, inputs), inputs["attention_mask"])
-    assert len(result.hidden_states) == model.config.text.num_layers + 1
-    assert len(result.attentions) == model.config.text.num_layers
-    assert result.worst <= TOL, result.table()
-    return ours
+    return assert_hf_parity(model, hf_model, inputs)
 
 
 @pytest.mark.parametrize("variant", ["gqa", "tied"])
 def test_parity_one_image(tiny, variant):
     processor = tiny(variant)[1]
-    _parity(tiny, _inputs(processor, [f"USER: {IMAGE_PROMPT} what is in the image ?"], [_image("4x8")]), variant)
+    _parity(tiny, model_inputs(processor, [f"USER: {IMAGE_PROMPT} what is in the image ?"], [_image("4x8")]), variant)
 
 
 def test_parity_two_images_of_different_sizes_in_one_prompt(tiny):
     processor = tiny()[1]
     text = [f"USER: {IMAGE_PROMPT} left and {IMAGE_PROMPT} right : what is the same ?"]
-    inputs = _inputs(processor, text, [_image("4x8", 1), _image("6x10", 2)])
+    inputs = model_inputs(processor, text, [_image("4x8", 1), _image("6x10", 2)])
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 8], [1, 6, 10]]
     ours = _parity(tiny, inputs)
     assert ours["rope_deltas"].tolist() == [[(4 - 2 * 4) + (5 - 3 * 5)]]  # an image spends max(h, w) positions
@@ -77,7 +57,7 @@ def test_parity_two_images_of_different_sizes_in_one_prompt(tiny):
 
 def test_parity_text_only_prompt(tiny):
     processor = tiny()[1]
-    inputs = _inputs(processor, ["USER: how many red circle are there in the box ? ASSISTANT:"])
+    inputs = model_inputs(processor, ["USER: how many red circle are there in the box ? ASSISTANT:"])
     ours = _parity(tiny, inputs)
     assert "image_features" not in ours and ours["rope_deltas"].tolist() == [[0]]
 
@@ -86,16 +66,15 @@ def test_parity_left_padded_batch(tiny):
     processor = tiny()[1]
     texts = [f"USER: {IMAGE_PROMPT} what is in the image ?",
              f"USER: {IMAGE_PROMPT} how many red circle are there in the box on the left ? yes or no ? ASSISTANT:"]
-    inputs = _inputs(processor, texts, [_image("4x8", 3), _image("4x4", 4)])
+    inputs = model_inputs(processor, texts, [_image("4x8", 3), _image("4x4", 4)])
     assert (inputs["attention_mask"][0] == 0).any(), "the batch must be left-padded"
     _parity(tiny, inputs)
 
 
 def test_parity_long_prompt(tiny):
     processor = tiny()[1]
-    words = "the red circle is left of a blue square and".split()
-    text = f"USER: {IMAGE_PROMPT} " + " ".join(words[i % len(words)] for i in range(520)) + " ? ASSISTANT:"
-    inputs = _inputs(processor, [text], [_image("6x10", 5)])
+    text = f"USER: {IMAGE_PROMPT} {long_text()} ? ASSISTANT:"
+    inputs = model_inputs(processor, [text], [_image("6x10", 5)])
     assert inputs["input_ids"].shape[1] >= 500
     _parity(tiny, inputs)
 
@@ -104,13 +83,8 @@ def test_vision_tower_alone_and_block_diagonal_attention(tiny):
     """Merger input and output against HF's vision model on two images packed with padding patches; image 0 never
     attends to image 1's patches nor to padding."""
     _, processor, model, hf_model = tiny()
-    inputs = _inputs(processor, [f"{IMAGE_PROMPT} {IMAGE_PROMPT}"], [_image("4x8", 6), _image("4x4", 7)])
-    hooks = {"features": Capture(sites=frozenset({"vision.features"})),
-             "vision": VisionCapture(sites=frozenset({"attn.pattern"}))}
-    out = model(**inputs, hooks=hooks)
-    with torch.no_grad():
-        theirs = hf_model.model.visual(torch.as_tensor(inputs["pixel_values"]),
-                                       grid_thw=torch.as_tensor(inputs["image_grid_thw"]))
+    inputs = model_inputs(processor, [f"{IMAGE_PROMPT} {IMAGE_PROMPT}"], [_image("4x8", 6), _image("4x4", 7)])
+    out, theirs = qwen_vision_towers(model, hf_model, inputs)
     patches, tokens = 48, 12
     features = np.asarray(out["hooks"]["features"]["vision.features"])
     assert features.shape[1] == 64  # 48 patches padded to the next power of two
@@ -127,11 +101,11 @@ def test_vision_tower_alone_and_block_diagonal_attention(tiny):
 def test_position_ids_equal_hf_get_rope_index(tiny):
     _, processor, model, hf_model = tiny()
     cases = [
-        _inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?", "USER: no image here , only text"],
+        model_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?", "USER: no image here , only text"],
                 [_image("4x6", 8), _image("6x10", 9)]),
-        _inputs(processor, ["a", f"the {IMAGE_PROMPT} left {IMAGE_PROMPT} right of the image"],
+        model_inputs(processor, ["a", f"the {IMAGE_PROMPT} left {IMAGE_PROMPT} right of the image"],
                 [_image("4x4", 10), _image("4x8", 11)]),
-        _inputs(processor, ["text only , no picture", "yes"]),
+        model_inputs(processor, ["text only , no picture", "yes"]),
     ]
     for inputs in cases:
         batch, _ = model.prepare(inputs)
@@ -149,7 +123,7 @@ def test_position_ids_equal_hf_get_rope_index(tiny):
 def test_visual_metadata_from_ids_and_grids(tiny):
     _, processor, model, _ = tiny()
     texts = ["USER: what ?", f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"]
-    inputs = _inputs(processor, texts, [_image("4x6", 12), _image("4x4", 13)])
+    inputs = model_inputs(processor, texts, [_image("4x6", 12), _image("4x4", 13)])
     _, meta = model.prepare(inputs)
     ids = inputs["input_ids"]
     assert len(meta.positions(0)) == 0
@@ -171,13 +145,13 @@ def test_same_bucket_does_not_recompile(tiny):
     model = vlmjax.VLM(model.config, model.params, model.hf_config)  # a fresh jit cache
     logits = {}
     for size in ("4x6", "4x8"):
-        inputs = _inputs(processor, text, [_image(size, 14)], **fixed)
+        inputs = model_inputs(processor, text, [_image(size, 14)], **fixed)
         logits[size] = np.asarray(model(**inputs).logits)
         assert model._jitted._cache_size() == 1, size
-    model(**_inputs(processor, text, [_image("4x4", 14)], **fixed))
+    model(**model_inputs(processor, text, [_image("4x4", 14)], **fixed))
     assert model._jitted._cache_size() == 2
     exact = vlmjax.VLM(dataclasses.replace(model.config, patch_bucket=4), model.params, model.hf_config)
-    unpadded = np.asarray(exact(**_inputs(processor, text, [_image("4x6", 14)], **fixed)).logits)
+    unpadded = np.asarray(exact(**model_inputs(processor, text, [_image("4x6", 14)], **fixed)).logits)
     np.testing.assert_allclose(logits["4x6"], unpadded, atol=1e-5, rtol=0)
 
 
@@ -187,7 +161,7 @@ def test_hf_round_trip_identical_logits(tiny, tmp_path):
         out_dir = hf_conv.save_hf(model.params, model.config, model.hf_config, tmp_path / variant, source_dir=path)
         saved = load_file(out_dir / "model.safetensors")
         assert "model.visual.patch_embed.proj.weight" in saved and ("lm_head.weight" in saved) == (variant == "gqa")
-        inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"], [_image("4x8"), _image("4x4")])
+        inputs = model_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"], [_image("4x8"), _image("4x4")])
         original = run_hf(hf_model, inputs)["logits"]
         again = run_hf(load_hf_model(out_dir), inputs)["logits"]
         np.testing.assert_array_equal(original, again)
@@ -219,7 +193,7 @@ def test_both_key_layouts_load(tiny, tmp_path):
 
 def test_error_grid_does_not_match_pixels_or_tokens(tiny):
     _, processor, model, _ = tiny()
-    inputs = _inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"], [_image("4x8"), _image("4x4")])
+    inputs = model_inputs(processor, [f"USER: {IMAGE_PROMPT} and {IMAGE_PROMPT} ?"], [_image("4x8"), _image("4x4")])
     wrong_grid = {**inputs, "image_grid_thw": np.array([[1, 4, 6], [1, 4, 4]])}
     with pytest.raises(VlmJaxError, match="describes 40 patches but pixel_values holds 48"):
         model.prepare(wrong_grid)
@@ -239,7 +213,7 @@ def test_error_grid_does_not_match_pixels_or_tokens(tiny):
 
 def test_error_float16_at_load(tiny):
     path = tiny()[0]
-    with pytest.raises(VlmJaxError, match="does not run in float16.*bfloat16"):
+    with pytest.raises(VlmJaxError, match="^Qwen2-VL does not run in float16.*bfloat16"):
         vlmjax.load(path, dtype="float16", progress=False)
 
 

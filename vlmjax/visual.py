@@ -39,6 +39,13 @@ class VisualTokens:
     kind: np.ndarray  # [B, N] int8: TEXT, PATCH, CLS (LLaVA), BASE, CROP, NEWLINE (LLaVA-NeXT), QUERY (InstructBLIP)
     images: list[ImageSpan]
 
+    @classmethod
+    def empty(cls, mask: np.ndarray) -> VisualTokens:
+        """Metadata of the image-token `mask` [B, N] with nothing filled in: image_index, grid_row and grid_col -1,
+        every kind TEXT, no images (a family's metadata function fills them in place)."""
+        unset = lambda: np.full(mask.shape, -1, np.int32)
+        return cls(mask, unset(), unset(), unset(), np.zeros(mask.shape, np.int8), [])
+
     def positions(self, sample: int) -> np.ndarray:
         return np.flatnonzero(self.mask[sample])
 
@@ -60,14 +67,9 @@ def llava_visual_tokens(input_ids: np.ndarray, image_token_id: int, grid: int, w
     """Metadata for LLaVA-1.5 prompts: each image is a contiguous run of tokens_per_image image tokens."""
     input_ids = np.asarray(input_ids)
     per_image = grid * grid + int(with_cls)
-    mask = input_ids == image_token_id
-    b, n = mask.shape
-    image_index = np.full((b, n), -1, np.int32)
-    row = np.full((b, n), -1, np.int32)
-    col = np.full((b, n), -1, np.int32)
-    kind = np.zeros((b, n), np.int8)
-    images = []
-    for s in range(b):
+    meta = VisualTokens.empty(input_ids == image_token_id)
+    mask, images = meta.mask, meta.images
+    for s in range(len(mask)):
         pos = np.flatnonzero(mask[s])
         if len(pos) % per_image:
             raise VlmJaxError(
@@ -79,18 +81,17 @@ def llava_visual_tokens(input_ids: np.ndarray, image_token_id: int, grid: int, w
             if not mask[s, span].all():
                 raise VlmJaxError(f"Sample {s}: the image tokens starting at position {start} are not contiguous; "
                                   f"each image must be one run of {per_image} image tokens.")
-            idx = len(images)
-            image_index[s, span] = idx
+            meta.image_index[s, span] = len(images)
             patches = span[int(with_cls):]
             if with_cls:
-                kind[s, start] = CLS
-            kind[s, patches] = PATCH
-            row[s, patches] = np.arange(grid * grid) // grid
-            col[s, patches] = np.arange(grid * grid) % grid
+                meta.kind[s, start] = CLS
+            meta.kind[s, patches] = PATCH
+            meta.grid_row[s, patches] = np.arange(grid * grid) // grid
+            meta.grid_col[s, patches] = np.arange(grid * grid) % grid
             images.append(ImageSpan(sample=s, start=int(start), length=per_image, grid=(grid, grid)))
     if num_images is not None and len(images) != num_images:
         raise VlmJaxError(
             f"pixel_values holds {num_images} image(s) but the input ids have image tokens for {len(images)} "
             f"({int(mask.sum())} image tokens, {per_image} per image). Pass one image per image placeholder in "
             "the prompt (the processor does this when given the same images and text).")
-    return VisualTokens(mask, image_index, row, col, kind, images)
+    return meta

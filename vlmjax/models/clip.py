@@ -9,24 +9,48 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vlmjax.config import CLIPVisionConfig
+from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Context, SiteRunner
-from vlmjax.models.layers import LayerNorm, Linear, attention, key_rows, scan_stack, vit_block_end, weight
+from vlmjax.models.layers import (LayerNorm, Linear, activation, attention, key_rows, scan_stack, vit_block_end,
+                                  weight)
 
 _V = "model.vision_tower."
-KEY_ROWS = (
-    (_V + "embeddings.patch_embedding.weight", "vision/patch_embed/kernel", "conv"),
-    (_V + "embeddings.class_embedding", "vision/class_embed", "none"),
-    (_V + "embeddings.position_embedding.weight", "vision/pos_embed", "none"),
-    *key_rows(_V, "vision/", (("pre_layrnorm", "pre_norm"), ("post_layernorm", "post_norm")), "norm"),
+LAYER_KEY_ROWS = (  # the stacked encoder layers (`CLIPBlock`), named alike in SigLIP's towers
     *key_rows(_V + "encoder.layers.{i}.", "vision/layers/", (
         ("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"), ("self_attn.out_proj", "o"),
         ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))),
     *key_rows(_V + "encoder.layers.{i}.", "vision/layers/", (("layer_norm1", "norm1"), ("layer_norm2", "norm2")),
               "norm"),
 )
+KEY_ROWS = (
+    (_V + "embeddings.patch_embedding.weight", "vision/patch_embed/kernel", "conv"),
+    (_V + "embeddings.class_embedding", "vision/class_embed", "none"),
+    (_V + "embeddings.position_embedding.weight", "vision/pos_embed", "none"),
+    *key_rows(_V, "vision/", (("pre_layrnorm", "pre_norm"), ("post_layernorm", "post_norm")), "norm"),
+    *LAYER_KEY_ROWS,
+)
+
+
+def conv_kernel_shape(cfg) -> tuple[int, ...]:
+    """HF's shape [D, C, p, p] of the patch Conv2d of a family whose `cfg.vision` is a `CLIPVisionConfig` (CLIP,
+    SigLIP, BLIP-2's ViT)."""
+    v = cfg.vision
+    return (v.hidden_size, v.num_channels, v.patch_size, v.patch_size)
+
+
+def checked_pixels(vc: CLIPVisionConfig, pixels, dtype, accepted: str = "") -> np.ndarray:
+    """The processor's pixel_values [images, C, S, S] for the tower of `vc`, checked and cast to `dtype`;
+    `accepted` says in the error what else the family does not take."""
+    pixels = np.asarray(pixels)
+    want = (vc.num_channels, vc.image_size, vc.image_size)
+    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+        raise VlmJaxError(f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}] for this "
+                          f"model{accepted}, got {tuple(pixels.shape)}. Preprocess images with the model's processor.")
+    return pixels.astype(np.dtype(dtype))
 
 
 def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
@@ -37,27 +61,41 @@ def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
 
 
 class CLIPBlock(nnx.Module):
-    """All L encoder layers, parameters stacked [L, ...]; called on one layer's slice (see `scan_stack`)."""
+    """All L encoder layers, parameters stacked [L, ...]; called on one layer's slice (see `scan_stack`). A ViT with
+    other attention projections (BLIP-2's fused qkv) overrides `init_attention`, `qkv_heads` and `out_proj`."""
 
     def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
         d, i, L = cfg.hidden_size, cfg.intermediate_size, (cfg.num_layers,)
         self.cfg = cfg
         self.norm1 = LayerNorm(d, cfg.layer_norm_eps, layers=L)
-        self.q, self.k, self.v, self.o = (Linear(d, d, layers=L, rngs=rngs) for _ in range(4))
+        self.init_attention(cfg, rngs)
         self.norm2 = LayerNorm(d, cfg.layer_norm_eps, layers=L)
         self.fc1 = Linear(d, i, layers=L, rngs=rngs)
         self.fc2 = Linear(i, d, layers=L, rngs=rngs)
 
+    def init_attention(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs) -> None:
+        d, L = cfg.hidden_size, (cfg.num_layers,)
+        self.q, self.k, self.v, self.o = (Linear(d, d, layers=L, rngs=rngs) for _ in range(4))
+
+    def qkv_heads(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values [B, N, H, hd] of normed h [B, N, D]."""
+        b, n, d = h.shape
+        heads = lambda t: t.reshape(b, n, self.cfg.num_heads, d // self.cfg.num_heads)
+        return heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+
+    @property
+    def out_proj(self) -> Linear:
+        return self.o
+
+    def mlp(self, h: jax.Array, run: SiteRunner) -> jax.Array:
+        return self.fc2(run("mlp.hidden", activation(self.cfg.hidden_act)(self.fc1(h))))
+
     def __call__(self, x: jax.Array, run: SiteRunner) -> jax.Array:
-        b, n, d = x.shape
-        heads = self.cfg.num_heads
         x = run("resid_pre", x)
-        h = run("attn.input", self.norm1(x))
-        q = run("attn.q", self.q(h).reshape(b, n, heads, d // heads))
-        k = run("attn.k", self.k(h).reshape(b, n, heads, d // heads))
-        v = run("attn.v", self.v(h).reshape(b, n, heads, d // heads))
-        z = attention(q, k, v, None, run, (d // heads) ** -0.5)
-        return vit_block_end(x, z, self.o, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
+        q, k, v = self.qkv_heads(run("attn.input", self.norm1(x)))
+        q, k, v = run("attn.q", q), run("attn.k", k), run("attn.v", v)
+        z = attention(q, k, v, None, run, q.shape[-1] ** -0.5)
+        return vit_block_end(x, z, self.out_proj, self.norm2, self.mlp, run)
 
 
 class CLIPVision(nnx.Module):

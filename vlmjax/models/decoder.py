@@ -37,27 +37,32 @@ class DecoderBlock(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         d, hd, L, i = cfg.hidden_size, cfg.head_dim, (cfg.num_layers,), cfg.intermediate_size
         self.cfg = cfg
-        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, layers=L)
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps, offset=cfg.norm_offset, layers=L)
         self.q = Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias, layers=L, rngs=rngs)
         self.k = Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias, layers=L, rngs=rngs)
         self.v = Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias, layers=L, rngs=rngs)
         self.o = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, layers=L, rngs=rngs)
-        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, layers=L)
+        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, offset=cfg.norm_offset, layers=L)
         self.gate = Linear(d, i, bias=cfg.mlp_bias, layers=L, rngs=rngs)
         self.up = Linear(d, i, bias=cfg.mlp_bias, layers=L, rngs=rngs)
         self.down = Linear(i, d, bias=cfg.mlp_bias, layers=L, rngs=rngs)
 
-    def __call__(self, x: jax.Array, run: SiteRunner, cos, sin, mask_add) -> jax.Array:
-        cfg, (b, n, _) = self.cfg, x.shape
+    def self_attention(self, h: jax.Array, run: SiteRunner, cos, sin, mask_add, scale: float,
+                       logit_cap: float | None = None) -> jax.Array:
+        """Per-head mixed values [B, N, H, hd] of normed h: q, k, v, rotary, attention, with their sites."""
+        cfg, (b, n, _) = self.cfg, h.shape
         hd = cfg.head_dim
-        x = run("resid_pre", x)
-        h = run("attn.input", self.input_norm(x))
         q = run("attn.q", self.q(h).reshape(b, n, cfg.num_heads, hd))
         k = run("attn.k", self.k(h).reshape(b, n, cfg.num_kv_heads, hd))
         v = run("attn.v", self.v(h).reshape(b, n, cfg.num_kv_heads, hd))
         q, k = apply_rope(q, cos, sin), run("attn.rot_k", apply_rope(k, cos, sin))
-        z = attention(q, k, v, mask_add, run, hd**-0.5)
-        x = x + run("attn.out", self.o(z.reshape(b, n, cfg.num_heads * hd)))
+        return attention(q, k, v, mask_add, run, scale, logit_cap)
+
+    def __call__(self, x: jax.Array, run: SiteRunner, cos, sin, mask_add) -> jax.Array:
+        cfg, (b, n, _) = self.cfg, x.shape
+        x = run("resid_pre", x)
+        z = self.self_attention(run("attn.input", self.input_norm(x)), run, cos, sin, mask_add, cfg.head_dim**-0.5)
+        x = x + run("attn.out", self.o(z.reshape(b, n, cfg.num_heads * cfg.head_dim)))
         x = run("resid_mid", x)
         h = self.post_attn_norm(x)
         h = run("mlp.hidden", activation(cfg.hidden_act)(self.gate(h)) * self.up(h))

@@ -47,11 +47,11 @@ from vlmjax.config import CLIPVisionConfig, DecoderConfig, decoder_from_hf
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Context, SiteRunner
 from vlmjax.inputs import text_batch
-from vlmjax.models import decoder
-from vlmjax.models.clip import patchify
+from vlmjax.models import clip, decoder
+from vlmjax.models.clip import CLIPBlock, patchify
 from vlmjax.models.decoder import Decoder
 from vlmjax.models.layers import (LayerNorm, Linear, activation, additive_mask, attention, key_rows, scan_stack,
-                                  vit_block_end, weight)
+                                  weight)
 from vlmjax.models.llava import decode_start  # noqa: F401  (family interface: HF's generation positions)
 from vlmjax.models.vlm import VisionLanguageModel
 from vlmjax.visual import QUERY, ImageSpan, VisualTokens
@@ -129,9 +129,7 @@ def num_layers(cfg: InstructBlipConfig) -> dict[str, int]:
             "qformer.blocks": cfg.qformer.num_layers}
 
 
-def conv_kernel_shape(cfg: InstructBlipConfig) -> tuple[int, ...]:
-    v = cfg.vision
-    return (v.hidden_size, v.num_channels, v.patch_size, v.patch_size)
+conv_kernel_shape = clip.conv_kernel_shape
 
 
 def cross_attention_layers(cfg: InstructBlipConfig) -> tuple[int, ...]:
@@ -186,12 +184,8 @@ KEY_ROWS = (
 
 def visual_tokens(input_ids: np.ndarray, image_token_id: int, queries: int, num_images: int) -> VisualTokens:
     """Metadata: per sample, none or one contiguous run of `queries` image tokens, sample s showing image s."""
-    mask = input_ids == image_token_id
-    b, n = mask.shape
-    image_index = np.full((b, n), -1, np.int32)
-    row, col = np.full((b, n), -1, np.int32), np.full((b, n), -1, np.int32)
-    kind = np.zeros((b, n), np.int8)
-    images = []
+    meta = VisualTokens.empty(input_ids == image_token_id)
+    mask, images, b = meta.mask, meta.images, len(input_ids)
     for s in range(b):
         pos = np.flatnonzero(mask[s])
         if len(pos) == 0:
@@ -203,7 +197,8 @@ def visual_tokens(input_ids: np.ndarray, image_token_id: int, queries: int, num_
                 f"InstructBLIP writes one contiguous run of num_query_tokens={queries} per prompt (its processor "
                 f"puts them before the prompt).{several} Build the prompt with the model's processor and no image "
                 "placeholder in the text.")
-        image_index[s, pos], row[s, pos], col[s, pos], kind[s, pos] = s, 0, np.arange(queries), QUERY
+        meta.image_index[s, pos], meta.kind[s, pos] = s, QUERY
+        meta.grid_row[s, pos], meta.grid_col[s, pos] = 0, np.arange(queries)
         images.append(ImageSpan(sample=s, start=int(pos[0]), length=queries, grid=(1, queries)))
     if num_images and (num_images != b or len(images) != b):
         raise VlmJaxError(
@@ -213,7 +208,7 @@ def visual_tokens(input_ids: np.ndarray, image_token_id: int, queries: int, num_
     if not num_images and images:
         raise VlmJaxError(f"input_ids hold image tokens for {len(images)} prompt(s) but no pixel_values were given. "
                           "Pass the processor's pixel_values (and qformer_input_ids) for the images.")
-    return VisualTokens(mask, image_index, row, col, kind, images)
+    return meta
 
 
 def prepare_batch(cfg: InstructBlipConfig, inputs: dict, dtype) -> tuple[dict, VisualTokens]:
@@ -223,15 +218,10 @@ def prepare_batch(cfg: InstructBlipConfig, inputs: dict, dtype) -> tuple[dict, V
     pixels = inputs.get("pixel_values")
     if pixels is not None:
         pixels = np.asarray(pixels)
-        vc = cfg.vision
-        want = (vc.num_channels, vc.image_size, vc.image_size)
         if pixels.ndim == 5:
             raise VlmJaxError(f"pixel_values has shape {tuple(pixels.shape)}: several images per prompt (or video "
                               "frames). InstructBLIP takes one image per prompt, [prompts, C, H, W].")
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
-            raise VlmJaxError(f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}] for this "
-                              f"model, got {tuple(pixels.shape)}. Preprocess images with the model's processor.")
-        batch["pixel_values"] = pixels.astype(np.dtype(dtype))
+        batch["pixel_values"] = pixels = clip.checked_pixels(cfg.vision, pixels, dtype)
         batch.update(_qformer_text(cfg, inputs, b))
     meta = visual_tokens(batch["input_ids"], cfg.image_token_id, cfg.num_query_tokens,
                          0 if pixels is None else pixels.shape[0])
@@ -268,28 +258,22 @@ def _qformer_text(cfg: InstructBlipConfig, inputs: dict, batch_size: int) -> dic
 # -- vision tower --------------------------------------------------------------------------------------------------
 
 
-class VisionBlock(nnx.Module):
-    """All ViT layers, parameters stacked [L, ...] (fused qkv); called on one layer's slice."""
+class VisionBlock(CLIPBlock):
+    """CLIP's block with a fused qkv projection (bias as stored, `qkv_bias`) and the output projection `proj`."""
 
-    def __init__(self, cfg: BlipVisionConfig, *, rngs: nnx.Rngs):
-        d, i, L = cfg.hidden_size, cfg.intermediate_size, (cfg.num_layers,)
-        self.cfg = cfg
-        self.norm1 = LayerNorm(d, cfg.layer_norm_eps, layers=L)
+    def init_attention(self, cfg: BlipVisionConfig, rngs: nnx.Rngs) -> None:
+        d, L = cfg.hidden_size, (cfg.num_layers,)
         self.qkv = Linear(d, 3 * d, bias=cfg.qkv_bias, layers=L, rngs=rngs)
         self.proj = Linear(d, d, layers=L, rngs=rngs)
-        self.norm2 = LayerNorm(d, cfg.layer_norm_eps, layers=L)
-        self.fc1 = Linear(d, i, layers=L, rngs=rngs)
-        self.fc2 = Linear(i, d, layers=L, rngs=rngs)
 
-    def __call__(self, x: jax.Array, run: SiteRunner) -> jax.Array:
-        b, n, d = x.shape
-        heads = self.cfg.num_heads
-        x = run("resid_pre", x)
-        h = run("attn.input", self.norm1(x))
-        qkv = self.qkv(h).reshape(b, n, 3, heads, d // heads)
-        q, k, v = run("attn.q", qkv[:, :, 0]), run("attn.k", qkv[:, :, 1]), run("attn.v", qkv[:, :, 2])
-        z = attention(q, k, v, None, run, (d // heads) ** -0.5)
-        return vit_block_end(x, z, self.proj, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
+    def qkv_heads(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, n, d = h.shape
+        qkv = self.qkv(h).reshape(b, n, 3, self.cfg.num_heads, d // self.cfg.num_heads)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    @property
+    def out_proj(self) -> Linear:
+        return self.proj
 
 
 class VisionTower(nnx.Module):

@@ -68,13 +68,13 @@ class LayerNorm(nnx.Module):
         return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
 
 
-def vit_block_end(x, z, out_proj: Linear, norm2: LayerNorm, fc1: Linear, fc2: Linear, act: str, run) -> jax.Array:
-    """A pre-norm ViT block after attention (CLIP and Qwen2-VL's towers): the attention update (z [B, N, H, hd]
-    projected), then the MLP update, with their sites."""
+def vit_block_end(x, z, out_proj: Linear, norm2: nnx.Module, mlp, run) -> jax.Array:
+    """A pre-norm ViT block after attention (CLIP's and the Qwen2-VL family's towers): the attention update (z
+    [B, N, H, hd] projected), then the MLP update `mlp(norm2(x), run)` (which calls the `mlp.hidden` site), with
+    their sites."""
     b, n = x.shape[:2]
     x = run("resid_mid", x + run("attn.out", out_proj(z.reshape(b, n, -1))))
-    h = run("mlp.hidden", activation(act)(fc1(norm2(x))))
-    return run("resid_post", x + run("mlp.out", fc2(h)))
+    return run("resid_post", x + run("mlp.out", mlp(norm2(x), run)))
 
 
 def scan_stack(blocks: nnx.Module, call, x, hooks, ctx, start: int, stop: int):

@@ -15,9 +15,8 @@ from flax import nnx
 
 from vlmjax.config import LlavaConfig
 from vlmjax.config import llava_from_hf as config_from_hf
-from vlmjax.errors import VlmJaxError
 from vlmjax.inputs import text_batch
-from vlmjax.models import clip, decoder
+from vlmjax.models import clip, decoder, vlm
 from vlmjax.models.clip import CLIPVision
 from vlmjax.models.decoder import Decoder
 from vlmjax.models.layers import Linear, activation, key_rows
@@ -32,28 +31,16 @@ KEY_ROWS = (
 )
 
 
-def num_layers(cfg: LlavaConfig) -> dict[str, int]:
-    return {"blocks": cfg.text.num_layers, "vision.blocks": cfg.vision.num_layers}
-
-
-def conv_kernel_shape(cfg: LlavaConfig) -> tuple[int, ...]:
-    v = cfg.vision
-    return (v.hidden_size, v.num_channels, v.patch_size, v.patch_size)
+conv_kernel_shape, num_layers = clip.conv_kernel_shape, vlm.num_layers
 
 
 def prepare_batch(cfg: LlavaConfig, inputs: dict, dtype) -> tuple[dict, VisualTokens]:
     """Check processor outputs and build the batch plus visual-token metadata."""
     batch = text_batch(inputs, cfg.text.vocab_size, (cfg.image_token_id,), ACCEPTED_INPUTS)
     pixels = inputs.get("pixel_values")
-    vc = cfg.vision
     if pixels is not None:
-        pixels = np.asarray(pixels)
-        want = (vc.num_channels, vc.image_size, vc.image_size)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
-            raise VlmJaxError(f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}] for this "
-                              f"model, got {tuple(pixels.shape)}. Preprocess images with the model's processor.")
-        batch["pixel_values"] = pixels.astype(np.dtype(dtype))
-    meta = llava_visual_tokens(batch["input_ids"], cfg.image_token_id, vc.grid_size,
+        batch["pixel_values"] = pixels = clip.checked_pixels(cfg.vision, pixels, dtype)
+    meta = llava_visual_tokens(batch["input_ids"], cfg.image_token_id, cfg.vision.grid_size,
                                cfg.vision_feature_select_strategy == "full",
                                num_images=0 if pixels is None else pixels.shape[0])
     return batch, meta

@@ -163,13 +163,9 @@ def _check_images(cfg: LlavaNextConfig, pixels, sizes) -> list[AnyresLayout]:
 def visual_tokens(input_ids: np.ndarray, image_token_id: int, layouts: list[AnyresLayout]):
     """(VisualTokens, image_feature_index [B, N]): the images fill the image-token positions in order, each one
     contiguous run of its layout's token count within one sample (as the processor writes them)."""
-    mask = input_ids == image_token_id
-    b, n = mask.shape
-    image_index = np.full((b, n), -1, np.int32)
-    grid_row = np.full((b, n), -1, np.int32)
-    grid_col = np.full((b, n), -1, np.int32)
-    kind = np.zeros((b, n), np.int8)
-    feature_index = np.zeros((b, n), np.int32)
+    meta = VisualTokens.empty(input_ids == image_token_id)
+    mask = meta.mask
+    feature_index = np.zeros(mask.shape, np.int32)
     counts = [layout.num_tokens for layout in layouts]
     if mask.any() and not layouts:
         raise VlmJaxError(f"input_ids hold {int(mask.sum())} image tokens but no pixel_values were given. Pass the "
@@ -182,7 +178,7 @@ def visual_tokens(input_ids: np.ndarray, image_token_id: int, layouts: list[Anyr
     slots = np.argwhere(mask)  # (sample, position), in the order HF's masked_scatter fills them
     first_patch = np.cumsum([0] + [1 + layout.num_crops for layout in layouts])
     newline_row = int(first_patch[-1]) * layouts[0].grid ** 2 if layouts else 0
-    images, cursor = [], 0
+    cursor = 0
     for i, layout in enumerate(layouts):
         span = slots[cursor:cursor + layout.num_tokens]
         cursor += layout.num_tokens
@@ -193,12 +189,12 @@ def visual_tokens(input_ids: np.ndarray, image_token_id: int, layouts: list[Anyr
                 "are not one contiguous run in one sample. Build each prompt with the model's processor, one image "
                 "placeholder per image, in the order of the images.")
         pos = span[:, 1]
-        feature_index[s, pos], kind[s, pos], grid_row[s, pos], grid_col[s, pos] = token_sources(
+        feature_index[s, pos], meta.kind[s, pos], meta.grid_row[s, pos], meta.grid_col[s, pos] = token_sources(
             layout, int(first_patch[i]), newline_row)
-        image_index[s, pos] = i
-        images.append(ImageSpan(sample=s, start=start, length=len(span), grid=(layout.grid, layout.grid),
-                                crop_grid=layout.kept_shape))
-    return VisualTokens(mask, image_index, grid_row, grid_col, kind, images), feature_index
+        meta.image_index[s, pos] = i
+        meta.images.append(ImageSpan(sample=s, start=start, length=len(span), grid=(layout.grid, layout.grid),
+                                     crop_grid=layout.kept_shape))
+    return meta, feature_index
 
 
 def prepare_batch(cfg: LlavaNextConfig, inputs: dict, dtype) -> tuple[dict, VisualTokens]:

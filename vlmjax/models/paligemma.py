@@ -40,11 +40,11 @@ from vlmjax.config import CLIPVisionConfig, DecoderConfig, decoder_from_hf
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Context, SiteRunner
 from vlmjax.inputs import text_batch
-from vlmjax.models import decoder
+from vlmjax.models import clip, decoder, vlm
 from vlmjax.models.clip import CLIPBlock, patchify
-from vlmjax.models.decoder import Decoder
-from vlmjax.models.layers import (LayerNorm, Linear, RMSNorm, activation, additive_mask, apply_rope, attention,
-                                  causal_allowed, key_rows, rope_inv_freq, rope_tables, scan_stack, weight)
+from vlmjax.models.decoder import Decoder, DecoderBlock
+from vlmjax.models.layers import (LayerNorm, Linear, RMSNorm, activation, additive_mask, causal_allowed, key_rows,
+                                  rope_inv_freq, rope_tables, scan_stack, weight)
 from vlmjax.models.vlm import VisionLanguageModel
 from vlmjax.visual import VisualTokens, llava_visual_tokens
 
@@ -57,11 +57,7 @@ KEY_ROWS = (
     (_V + "embeddings.patch_embedding.bias", "vision/patch_embed/bias", "none"),
     (_V + "embeddings.position_embedding.weight", "vision/pos_embed", "none"),
     *key_rows(_V, "vision/", (("post_layernorm", "post_norm"),), "norm"),
-    *key_rows(_V + "encoder.layers.{i}.", "vision/layers/", (
-        ("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"), ("self_attn.out_proj", "o"),
-        ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))),
-    *key_rows(_V + "encoder.layers.{i}.", "vision/layers/", (("layer_norm1", "norm1"), ("layer_norm2", "norm2")),
-              "norm"),
+    *clip.LAYER_KEY_ROWS,
     *key_rows("model.multi_modal_projector.", "", (("linear", "projector"),)),
     *decoder.KEY_ROWS,  # HF's post_attention_layernorm is our post_attn_norm: Gemma's MLP input norm, Gemma 2's
     *key_rows(_T + "layers.{i}.", "text/layers/", (  # attention output norm (then these two norm the MLP)
@@ -109,7 +105,8 @@ def gemma_from_hf(tc, tie_word_embeddings: bool) -> GemmaConfig:
     window = base.sliding_window if gemma2 else None
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(DecoderConfig)}
     fields.update(model_type=model_type, sliding_window=window, tie_word_embeddings=tie_word_embeddings,
-                  norm_offset=1.0, final_logit_softcap=_cap(tc, "final_logit_softcapping") if gemma2 else None)
+                  norm_offset=1.0, mlp_bias=False,  # HF's Gemma MLPs have no biases
+                  final_logit_softcap=_cap(tc, "final_logit_softcapping") if gemma2 else None)
     return GemmaConfig(
         **fields,
         query_pre_attn_scalar=float(tc.query_pre_attn_scalar if gemma2 else base.head_dim),
@@ -145,13 +142,7 @@ def config_from_hf(hf_config) -> PaliGemmaConfig:
                            image_token_id=int(hf_config.image_token_id))
 
 
-def num_layers(cfg: PaliGemmaConfig) -> dict[str, int]:
-    return {"blocks": cfg.text.num_layers, "vision.blocks": cfg.vision.num_layers}
-
-
-def conv_kernel_shape(cfg: PaliGemmaConfig) -> tuple[int, ...]:
-    v = cfg.vision
-    return (v.hidden_size, v.num_channels, v.patch_size, v.patch_size)
+conv_kernel_shape, num_layers = clip.conv_kernel_shape, vlm.num_layers
 
 
 def prepare_batch(cfg: PaliGemmaConfig, inputs: dict, dtype) -> tuple[dict, VisualTokens]:
@@ -168,16 +159,10 @@ def prepare_batch(cfg: PaliGemmaConfig, inputs: dict, dtype) -> tuple[dict, Visu
                               f"{sorted(np.unique(types).tolist())[:5]}. Pass the processor's token_type_ids.")
         batch["token_type_ids"] = types.astype(np.int32)
     pixels = inputs.get("pixel_values")
-    vc = cfg.vision
     if pixels is not None:
-        pixels = np.asarray(pixels)
-        want = (vc.num_channels, vc.image_size, vc.image_size)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
-            raise VlmJaxError(f"pixel_values must have shape [images, {want[0]}, {want[1]}, {want[2]}] for this "
-                              f"model (single images: no video, no other resolution), got {tuple(pixels.shape)}. "
-                              "Preprocess images with the model's processor.")
-        batch["pixel_values"] = pixels.astype(np.dtype(dtype))
-    meta = llava_visual_tokens(ids, cfg.image_token_id, vc.grid_size, False,
+        batch["pixel_values"] = pixels = clip.checked_pixels(cfg.vision, pixels, dtype,
+                                                             " (single images: no video, no other resolution)")
+    meta = llava_visual_tokens(ids, cfg.image_token_id, cfg.vision.grid_size, False,
                                num_images=0 if pixels is None else pixels.shape[0])
     return batch, meta
 
@@ -218,39 +203,25 @@ class SiglipVision(nnx.Module):
 # -- decoder -------------------------------------------------------------------------------------------------------
 
 
-class GemmaBlock(nnx.Module):
-    """All Gemma / Gemma 2 layers, parameters stacked [L, ...]; called on one layer's slice (see `scan_stack`).
-    The mask is [B, 1, Nq, Nk], or [2, B, 1, Nq, Nk] (full, sliding) when some layers slide."""
+class GemmaBlock(DecoderBlock):
+    """All Gemma / Gemma 2 layers, parameters stacked [L, ...]: the Llama block's (norms with the config's offset 1),
+    plus Gemma 2's norms after the MLP; called on one layer's slice (see `scan_stack`). The mask is [B, 1, Nq, Nk],
+    or [2, B, 1, Nq, Nk] (full, sliding) when some layers slide."""
 
     def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
-        d, hd, L, i = cfg.hidden_size, cfg.head_dim, (cfg.num_layers,), cfg.intermediate_size
-        norm = lambda: RMSNorm(d, cfg.rms_norm_eps, offset=cfg.norm_offset, layers=L)
-        self.cfg = cfg
-        self.input_norm = norm()
-        self.q = Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias, layers=L, rngs=rngs)
-        self.k = Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias, layers=L, rngs=rngs)
-        self.v = Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias, layers=L, rngs=rngs)
-        self.o = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, layers=L, rngs=rngs)
-        self.post_attn_norm = norm()  # Gemma: the MLP's input norm; Gemma 2: the attention output's
+        super().__init__(cfg, rngs=rngs)  # post_attn_norm: Gemma's MLP input norm; Gemma 2's attention output norm
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset, layers=(cfg.num_layers,))
         self.pre_mlp_norm = norm() if cfg.sandwich_norms else None
         self.post_mlp_norm = norm() if cfg.sandwich_norms else None
-        self.gate = Linear(d, i, bias=False, layers=L, rngs=rngs)
-        self.up = Linear(d, i, bias=False, layers=L, rngs=rngs)
-        self.down = Linear(i, d, bias=False, layers=L, rngs=rngs)
 
     def __call__(self, x: jax.Array, run: SiteRunner, cos, sin, mask_add) -> jax.Array:
         cfg, (b, n, _) = self.cfg, x.shape
-        hd = cfg.head_dim
         if any(cfg.layer_sliding):
             mask_add = mask_add[jnp.asarray(cfg.layer_sliding, jnp.int32)[run.ctx.layer]]
         x = run("resid_pre", x)
-        h = run("attn.input", self.input_norm(x))
-        q = run("attn.q", self.q(h).reshape(b, n, cfg.num_heads, hd))
-        k = run("attn.k", self.k(h).reshape(b, n, cfg.num_kv_heads, hd))
-        v = run("attn.v", self.v(h).reshape(b, n, cfg.num_kv_heads, hd))
-        q, k = apply_rope(q, cos, sin), run("attn.rot_k", apply_rope(k, cos, sin))
-        z = attention(q, k, v, mask_add, run, cfg.query_pre_attn_scalar**-0.5, cfg.attn_logit_softcap)
-        update = self.o(z.reshape(b, n, cfg.num_heads * hd))
+        z = self.self_attention(run("attn.input", self.input_norm(x)), run, cos, sin, mask_add,
+                                cfg.query_pre_attn_scalar**-0.5, cfg.attn_logit_softcap)
+        update = self.o(z.reshape(b, n, cfg.num_heads * cfg.head_dim))
         if cfg.sandwich_norms:
             update = self.post_attn_norm(update)
         x = run("resid_mid", x + run("attn.out", update))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ from vlmjax.config import DecoderConfig, RopeConfig, decoder_from_hf
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Context, SiteRunner
 from vlmjax.inputs import text_batch
-from vlmjax.models import decoder
+from vlmjax.models import decoder, vlm
 from vlmjax.models.decoder import Decoder
 from vlmjax.models.layers import (LayerNorm, Linear, activation, additive_mask, apply_rope, attention, key_rows,
                                   rope_inv_freq, scan_stack, vit_block_end)
@@ -51,15 +52,23 @@ ACCEPTED_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_th
 HF_MROPE_SECTION = (16, 24, 24)  # HF's default when the config names none
 VISION_LAYER_NORM_EPS = 1e-6  # hard-coded in HF's vision blocks and merger
 _QV = "model.visual."
-KEY_ROWS = (
-    (_QV + "patch_embed.proj.weight", "vision/patch_embed/kernel", "conv"),  # Conv3d [D, C, T, p, p]
-    *key_rows(_QV + "blocks.{i}.", "vision/layers/", (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"),
-                                                      ("mlp.fc2", "fc2"))),
-    *key_rows(_QV + "blocks.{i}.", "vision/layers/", (("norm1", "norm1"), ("norm2", "norm2")), "norm"),
-    *key_rows(_QV + "merger.", "merger/", (("ln_q", "norm"),), "norm"),
-    *key_rows(_QV + "merger.", "merger/", (("mlp.0", "fc1"), ("mlp.2", "fc2"))),
-    *decoder.KEY_ROWS,
-)
+
+
+def key_table(mlp: tuple[tuple[str, str], ...], norm_biases: bool) -> tuple:
+    """The HF key table of a Qwen2-VL-family model whose vision blocks have the MLP `mlp` ((hf name, our name)
+    pairs) and norms with biases (LayerNorm) or without (RMSNorm)."""
+    return (
+        (_QV + "patch_embed.proj.weight", "vision/patch_embed/kernel", "conv"),  # Conv3d [D, C, T, p, p]
+        *key_rows(_QV + "blocks.{i}.", "vision/layers/", (("attn.qkv", "qkv"), ("attn.proj", "proj"), *mlp)),
+        *key_rows(_QV + "blocks.{i}.", "vision/layers/", (("norm1", "norm1"), ("norm2", "norm2")), "norm",
+                  norm_biases),
+        *key_rows(_QV + "merger.", "merger/", (("ln_q", "norm"),), "norm", norm_biases),
+        *key_rows(_QV + "merger.", "merger/", (("mlp.0", "fc1"), ("mlp.2", "fc2"))),
+        *decoder.KEY_ROWS,
+    )
+
+
+KEY_ROWS = key_table((("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")), norm_biases=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +97,15 @@ class Qwen2VLConfig:
     image_token_id: int
     patch_bucket: int = 0  # 0: pad patches to the next power of two; k > 0: to the next multiple of k
     model_type: str = "qwen2_vl"
+    family_name: ClassVar[str] = "Qwen2-VL"  # what error messages call the family
 
 
-def text_config_from_hf(hf_config) -> DecoderConfig:
-    """The Qwen2 decoder with M-RoPE of a Qwen2-VL-family HF config (Qwen2.5-VL's too)."""
+def text_config_from_hf(hf_config, family_name: str) -> DecoderConfig:
+    """The Qwen2 decoder with M-RoPE of a Qwen2-VL-family HF config."""
     tc = hf_config.text_config
     if tc.use_sliding_window:
-        raise VlmJaxError("use_sliding_window=True is not supported for Qwen2-VL (HF windows only the layers past "
-                          "max_window_layers); Qwen2-VL checkpoints ship with it off: set it to false.")
+        raise VlmJaxError(f"use_sliding_window=True is not supported for {family_name} (HF windows only the layers "
+                          f"past max_window_layers); {family_name} checkpoints ship with it off: set it to false.")
     text = decoder_from_hf({**tc.to_dict(), "model_type": "qwen2"})  # Qwen2VLTextConfig is a Qwen2 decoder
     section = text.rope.mrope_section or HF_MROPE_SECTION
     if sum(section) != text.head_dim // 2:
@@ -105,37 +115,36 @@ def text_config_from_hf(hf_config) -> DecoderConfig:
                                tie_word_embeddings=bool(hf_config.tie_word_embeddings))
 
 
-def vision_rope_theta(vc) -> float:
+def vision_rope_theta(vc, family_name: str) -> float:
     """The vision tower's rotary base, checking that its rotary embedding is the axial (2-D) one."""
     vision_rope = getattr(vc, "rope_parameters", None) or {}
     if vision_rope.get("rope_type", "axial") != "axial":
-        raise VlmJaxError(f"Unsupported vision rope type {vision_rope['rope_type']!r}; Qwen2-VL's vision tower "
+        raise VlmJaxError(f"Unsupported vision rope type {vision_rope['rope_type']!r}; {family_name}'s vision tower "
                           "uses 'axial' (2-D) rotary embeddings.")
     return float(vision_rope.get("rope_theta", 10000.0))
 
 
+def family_config(config_class: type[Qwen2VLConfig], vision_class: type[Qwen2VLVisionConfig], hf_config,
+                  **vision_fields) -> Qwen2VLConfig:
+    """A Qwen2-VL-family config from an HF config: the fields every member reads alike, plus `vision_fields` (the
+    widths, whose HF names differ, and the member's own)."""
+    vc = hf_config.vision_config
+    vision = vision_class(num_layers=int(vc.depth), num_heads=int(vc.num_heads), patch_size=int(vc.patch_size),
+                          temporal_patch_size=int(vc.temporal_patch_size),
+                          spatial_merge_size=int(vc.spatial_merge_size), in_channels=int(vc.in_channels),
+                          hidden_act=vc.hidden_act, rope_theta=vision_rope_theta(vc, config_class.family_name),
+                          **vision_fields)
+    return config_class(vision=vision, text=text_config_from_hf(hf_config, config_class.family_name),
+                        image_token_id=int(hf_config.image_token_id))
+
+
 def config_from_hf(hf_config) -> Qwen2VLConfig:
     vc = hf_config.vision_config
-    embed_dim = int(vc.embed_dim)
-    vision = Qwen2VLVisionConfig(
-        embed_dim=embed_dim,
-        intermediate_size=int(embed_dim * vc.mlp_ratio),
-        num_layers=int(vc.depth),
-        num_heads=int(vc.num_heads),
-        out_hidden_size=int(vc.hidden_size),
-        patch_size=int(vc.patch_size),
-        temporal_patch_size=int(vc.temporal_patch_size),
-        spatial_merge_size=int(vc.spatial_merge_size),
-        in_channels=int(vc.in_channels),
-        hidden_act=vc.hidden_act,
-        rope_theta=vision_rope_theta(vc),
-    )
-    return Qwen2VLConfig(vision=vision, text=text_config_from_hf(hf_config),
-                         image_token_id=int(hf_config.image_token_id))
+    return family_config(Qwen2VLConfig, Qwen2VLVisionConfig, hf_config, embed_dim=int(vc.embed_dim),
+                         intermediate_size=int(vc.embed_dim * vc.mlp_ratio), out_hidden_size=int(vc.hidden_size))
 
 
-def num_layers(cfg: Qwen2VLConfig) -> dict[str, int]:
-    return {"blocks": cfg.text.num_layers, "vision.blocks": cfg.vision.num_layers}
+num_layers = vlm.num_layers
 
 
 def conv_kernel_shape(cfg: Qwen2VLConfig) -> tuple[int, ...]:
@@ -144,10 +153,10 @@ def conv_kernel_shape(cfg: Qwen2VLConfig) -> tuple[int, ...]:
 
 
 def check_dtype(cfg: Qwen2VLConfig, dtype) -> None:
-    """Refuse float16: Qwen2-VL's activations overflow it (inf/NaN in the HF reference too)."""
+    """Refuse float16: the family's activations overflow it (inf/NaN in the HF reference too)."""
     if jnp.dtype(dtype) == jnp.float16:
-        raise VlmJaxError("Qwen2-VL does not run in float16: its activations overflow the float16 range (the HF "
-                          "reference gives inf/NaN too). Load it with dtype='bfloat16' or 'float32'.")
+        raise VlmJaxError(f"{cfg.family_name} does not run in float16: its activations overflow the float16 range "
+                          "(the HF reference gives inf/NaN too). Load it with dtype='bfloat16' or 'float32'.")
 
 
 # -- host-side inputs ----------------------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ def _check_grids(cfg: Qwen2VLConfig, pixels, grids) -> np.ndarray:
     if pixels.ndim != 2 or pixels.shape[1] != v.patch_dim:
         raise VlmJaxError(f"pixel_values must have shape [patches, {v.patch_dim}] (C*T*p*p = {v.in_channels}*"
                           f"{v.temporal_patch_size}*{v.patch_size}*{v.patch_size}) for this model, got "
-                          f"{tuple(pixels.shape)}. Preprocess images with the model's Qwen2-VL processor.")
+                          f"{tuple(pixels.shape)}. Preprocess images with the model's {cfg.family_name} processor.")
     grids = np.asarray(grids).astype(np.int64)
     m = v.spatial_merge_size
     if grids.ndim != 2 or grids.shape[1] != 3 or (grids <= 0).any() or (grids[:, 1:] % m).any():
@@ -233,17 +242,13 @@ def rope_index(input_ids, attention_mask, grids, image_token_id: int, merge: int
 
 def visual_tokens(input_ids, spans, image_token_id: int) -> VisualTokens:
     """Metadata: each image token's image and (row, col) on its image's merged grid; ImageSpan.grid is (t, h, w)."""
-    mask = input_ids == image_token_id
-    b, n = mask.shape
-    image_index = np.full((b, n), -1, np.int32)
-    row, col = np.full((b, n), -1, np.int32), np.full((b, n), -1, np.int32)
-    kind = np.zeros((b, n), np.int8)
-    images = []
+    meta = VisualTokens.empty(input_ids == image_token_id)
     for s, tokens, image, (t, h, w) in spans:
         cell = np.arange(len(tokens)) % (h * w)
-        image_index[s, tokens], row[s, tokens], col[s, tokens], kind[s, tokens] = image, cell // w, cell % w, PATCH
-        images.append(ImageSpan(sample=s, start=int(tokens[0]), length=len(tokens), grid=(t, h, w)))
-    return VisualTokens(mask, image_index, row, col, kind, images)
+        meta.image_index[s, tokens], meta.kind[s, tokens] = image, PATCH
+        meta.grid_row[s, tokens], meta.grid_col[s, tokens] = cell // w, cell % w
+        meta.images.append(ImageSpan(sample=s, start=int(tokens[0]), length=len(tokens), grid=(t, h, w)))
+    return meta
 
 
 def vision_patch_layout(grids, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +277,7 @@ def prepare_batch(cfg: Qwen2VLConfig, inputs: dict, dtype) -> tuple[dict, Visual
             raise VlmJaxError(f"mm_token_type_ids has shape {types.shape} but input_ids has {ids.shape}.")
         types = types.reshape(ids.shape)
         if (types == 2).any():
-            raise VlmJaxError("mm_token_type_ids marks video tokens; vlmjax's Qwen2-VL takes images only.")
+            raise VlmJaxError(f"mm_token_type_ids marks video tokens; vlmjax's {cfg.family_name} takes images only.")
         if ((types == 1) != is_image).any():
             raise VlmJaxError(f"mm_token_type_ids disagrees with input_ids about which tokens are image tokens (id "
                               f"{cfg.image_token_id}). Pass the processor's outputs unchanged.")
@@ -313,23 +318,38 @@ def vision_rope_tables(cfg: Qwen2VLVisionConfig, patch_positions: jax.Array) -> 
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def block_diagonal_mask(segments: jax.Array, dtype) -> jax.Array:
+    """The additive mask [1, 1, P, P] that lets each patch attend only to the patches of its own segment."""
+    return additive_mask((segments[:, None] == segments[None, :])[None, None], dtype)
+
+
 class VisionBlock(nnx.Module):
-    """All vision layers, parameters stacked [L, ...] (fused qkv); called on one layer's slice."""
+    """All vision layers, parameters stacked [L, ...] (fused qkv); called on one layer's slice. A family member with
+    other norms or another MLP sets `Norm` and overrides `init_mlp` / `mlp`."""
+
+    Norm = LayerNorm
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
         d, L = cfg.embed_dim, (cfg.num_layers,)
         self.cfg = cfg
-        self.norm1 = LayerNorm(d, VISION_LAYER_NORM_EPS, layers=L)
+        self.norm1 = self.Norm(d, VISION_LAYER_NORM_EPS, layers=L)
         self.qkv = Linear(d, 3 * d, layers=L, rngs=rngs)
         self.proj = Linear(d, d, layers=L, rngs=rngs)
-        self.norm2 = LayerNorm(d, VISION_LAYER_NORM_EPS, layers=L)
-        self.fc1 = Linear(d, cfg.intermediate_size, layers=L, rngs=rngs)
-        self.fc2 = Linear(cfg.intermediate_size, d, layers=L, rngs=rngs)
+        self.norm2 = self.Norm(d, VISION_LAYER_NORM_EPS, layers=L)
+        self.init_mlp(cfg, rngs)
+
+    def init_mlp(self, cfg: Qwen2VLVisionConfig, rngs: nnx.Rngs) -> None:
+        self.fc1 = Linear(cfg.embed_dim, cfg.intermediate_size, layers=(cfg.num_layers,), rngs=rngs)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.embed_dim, layers=(cfg.num_layers,), rngs=rngs)
+
+    def mlp(self, h: jax.Array, run: SiteRunner) -> jax.Array:
+        """The MLP update of normed h, with the `mlp.hidden` site."""
+        return self.fc2(run("mlp.hidden", activation(self.cfg.hidden_act)(self.fc1(h))))
 
     def __call__(self, x: jax.Array, run: SiteRunner, cos, sin, mask_add) -> jax.Array:
         x = run("resid_pre", x)
         z = vision_attention(self.qkv, run("attn.input", self.norm1(x)), run, cos, sin, mask_add, self.cfg.num_heads)
-        return vit_block_end(x, z, self.proj, self.norm2, self.fc1, self.fc2, self.cfg.hidden_act, run)
+        return vit_block_end(x, z, self.proj, self.norm2, self.mlp, run)
 
 
 def vision_attention(qkv: Linear, h: jax.Array, run: SiteRunner, cos, sin, mask_add, heads: int) -> jax.Array:
@@ -344,20 +364,33 @@ def vision_attention(qkv: Linear, h: jax.Array, run: SiteRunner, cos, sin, mask_
 
 
 class VisionTower(nnx.Module):
+    Block = VisionBlock  # the stacked layers' module
+
     def __init__(self, cfg: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.patch_embed = Linear(cfg.patch_dim, cfg.embed_dim, bias=False, rngs=rngs)
-        self.layers = VisionBlock(cfg, rngs=rngs)
+        self.layers = self.Block(cfg, rngs=rngs)
 
-    def __call__(self, pixel_values, segments, patch_positions, hooks, site: SiteRunner) -> jax.Array:
-        """[1, P', Dv]: the packed patches through the tower, each image frame attending to its own patches."""
+    def __call__(self, batch: dict, hooks, site: SiteRunner) -> jax.Array:
+        """[1, P', Dv]: the batch's packed patches through the tower, each image frame attending to its own
+        patches."""
+        segments = batch["vision_segment_ids"]
+        mask_add = block_diagonal_mask(segments, self.patch_embed.kernel[...].dtype)
+        x = self.embed(batch["pixel_values"], site)
+        return self.blocks(x, batch["vision_positions"], segments, lambda layer: mask_add, hooks, site)
+
+    def embed(self, pixel_values: jax.Array, site: SiteRunner) -> jax.Array:
+        """[1, P', Dv]: the patches [P', C*T*p*p] embedded (the `vision.embed` site)."""
         dtype = self.patch_embed.kernel[...].dtype
-        x = site("vision.embed", self.patch_embed(pixel_values.astype(dtype))[None])
+        return site("vision.embed", self.patch_embed(pixel_values.astype(dtype))[None])
+
+    def blocks(self, x, patch_positions, segments, layer_mask, hooks, site: SiteRunner) -> jax.Array:
+        """The layers on embedded patches x [1, P', Dv] at (row, col) `patch_positions`; `layer_mask(layer)` is the
+        additive mask of a layer (the scan's traced layer index); patches of segment -1 are padding."""
         cos, sin = vision_rope_tables(self.cfg, patch_positions)
-        mask_add = additive_mask((segments[:, None] == segments[None, :])[None, None], dtype)
         ctx = Context(stack="vision.blocks", key_padding=(segments >= 0)[None])
-        x, records = scan_stack(self.layers, lambda layer, h, run: layer(h, run, cos, sin, mask_add), x, hooks, ctx,
-                                0, self.cfg.num_layers)
+        call = lambda layer, h, run: layer(h, run, cos, sin, layer_mask(run.ctx.layer))
+        x, records = scan_stack(self.layers, call, x, hooks, ctx, 0, self.cfg.num_layers)
         site.add_records(records)
         return x
 
@@ -365,9 +398,11 @@ class VisionTower(nnx.Module):
 class PatchMerger(nnx.Module):
     """Each spatial_merge_size**2 neighbouring patches, normed and concatenated, through a 2-layer MLP."""
 
+    Norm = LayerNorm
+
     def __init__(self, cfg: Qwen2VLVisionConfig, *, rngs: nnx.Rngs):
         merged = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.norm = LayerNorm(cfg.embed_dim, VISION_LAYER_NORM_EPS)
+        self.norm = self.Norm(cfg.embed_dim, VISION_LAYER_NORM_EPS)
         self.fc1 = Linear(merged, merged, rngs=rngs)
         self.fc2 = Linear(merged, cfg.out_hidden_size, rngs=rngs)
 
@@ -400,30 +435,35 @@ def decode_start(batch: dict) -> tuple[dict, np.ndarray]:
 
 
 class Qwen2VL(VisionLanguageModel):
+    Vision, Merger = VisionTower, PatchMerger  # a family member with another tower or merger sets these
+
     def __init__(self, cfg: Qwen2VLConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision, rngs=rngs)
-        self.merger = PatchMerger(cfg.vision, rngs=rngs)
+        self.vision = self.Vision(cfg.vision, rngs=rngs)
+        self.merger = self.Merger(cfg.vision, rngs=rngs)
         self.text = Decoder(cfg.text, rngs=rngs)
 
     def image_features(self, batch, hooks, site, equal_images=None) -> jax.Array:
         """[1, P' / merge**2, D]: the vision tower on the packed patches, then the patch merger. With
         `equal_images` = n, the patches are n same-grid images run one by one under `vmap` (the same numbers as
         the block-diagonal packed attention, at a cost linear in n); vision records then stack over images."""
-        pixels, positions = batch["pixel_values"], batch["vision_positions"]
         if equal_images is None:
-            x = self.vision(pixels, batch["vision_segment_ids"], positions, hooks, site)
-            return site("projector.out", self.merger(site("vision.features", x)))
+            return self.merged_features(batch, hooks, site)
 
         def one_image(pixels, positions):
             runner = SiteRunner(hooks, site.ctx)
-            x = self.vision(pixels, jnp.zeros(pixels.shape[0], jnp.int32), positions, hooks, runner)
-            return runner("projector.out", self.merger(runner("vision.features", x)))[0], runner.records
+            image = {"pixel_values": pixels, "vision_segment_ids": jnp.zeros(pixels.shape[0], jnp.int32),
+                     "vision_positions": positions}
+            return self.merged_features(image, hooks, runner)[0], runner.records
 
         per_image = lambda a: a.reshape(equal_images, -1, *a.shape[1:])
-        features, records = jax.vmap(one_image)(per_image(pixels), per_image(positions))
+        features, records = jax.vmap(one_image)(per_image(batch["pixel_values"]), per_image(batch["vision_positions"]))
         site.add_records(records)
         return features.reshape(1, -1, features.shape[-1])
+
+    def merged_features(self, batch, hooks, site: SiteRunner) -> jax.Array:
+        """The tower on the batch's patches, then the merger, with the `vision.features` and `projector.out` sites."""
+        return site("projector.out", self.merger(site("vision.features", self.vision(batch, hooks, site))))
 
     def rotary(self, batch, dtype):
         return mrope_tables(self.cfg.text.rope, self.cfg.text.head_dim, batch["position_ids"], dtype)

@@ -145,6 +145,11 @@ def output_hooks(hooks, output_hidden_states: bool, output_attentions: bool) -> 
     return hooks
 
 
+def num_layers(cfg) -> dict[str, int]:
+    """The depth of each layer stack of a decoder + vision tower family (its `num_layers`, unless it has more)."""
+    return {"blocks": cfg.text.num_layers, "vision.blocks": cfg.vision.num_layers}
+
+
 # -- functional API ------------------------------------------------------------------------------------------------
 
 

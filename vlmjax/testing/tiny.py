@@ -37,28 +37,45 @@ def random_model(model_class, cfg, seed: int):
     return model
 
 
+def text_config(layers: int, vocab_size: int, **changes):
+    """The tiny decoder of the LLaVA-style builders: a Llama config, or a Mistral one with model_type="mistral"."""
+    from transformers import LlamaConfig, MistralConfig
+
+    spec = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=3,
+                   bos_token_id=1, eos_token_id=2), **changes}
+    model_type = spec.pop("model_type", "llama")
+    return (MistralConfig if model_type == "mistral" else LlamaConfig)(**spec)
+
+
+def clip_config(layers: int, image_size: int, patch_size: int, **changes):
+    """The tiny CLIP vision tower of the LLaVA builders."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**{**dict(hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                                      num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                                      projection_dim=32), **changes})
+
+
+def save(out_dir: str | Path, model, processor):
+    """Save a tiny model and its processor into `out_dir` as a checkpoint directory; (model, processor)."""
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return model, processor
+
+
 def make_tiny_llava(out_dir: str | Path, variant: str = "gqa", seed: int = 0, vocab_size: int = 128,
                     image_size: int = 56, patch_size: int = 14, text_layers: int = 3, vision_layers: int = 3,
                     overrides: dict | None = None):
     """Build, save and return (model, processor) of a tiny random LLaVA with a working processor."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor, MistralConfig, LlamaConfig
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     spec = {**VARIANTS[variant], **(overrides or {})}
-    text_spec = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=3,
-                     bos_token_id=1, eos_token_id=2)
-    text_spec.update(spec.get("text", {}))
-    model_type = text_spec.pop("model_type", "llama")
-    text_cfg = (MistralConfig if model_type == "mistral" else LlamaConfig)(**text_spec)
-    vision_spec = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers, num_attention_heads=4,
-                       image_size=image_size, patch_size=patch_size, projection_dim=32)
-    vision_spec.update(spec.get("vision", {}))
-    vision_cfg = CLIPVisionConfig(**vision_spec)
     tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     top = {k: v for k, v in spec.items() if k not in ("text", "vision")}
-    cfg = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=image_token_id,
+    cfg = LlavaConfig(vision_config=clip_config(vision_layers, image_size, patch_size, **spec.get("vision", {})),
+                      text_config=text_config(text_layers, vocab_size, **spec.get("text", {})),
+                      image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                       **{"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top})
     model = random_model(LlavaForConditionalGeneration, cfg, seed)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
@@ -66,7 +83,4 @@ def make_tiny_llava(out_dir: str | Path, variant: str = "gqa", seed: int = 0, vo
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
-    return model, processor
+    return save(out_dir, model, processor)

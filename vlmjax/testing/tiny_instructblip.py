@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmjax.processors import IMAGE_TOKEN, build_qformer_tokenizer, build_tokenizer
-from vlmjax.testing.tiny import random_model
+from vlmjax.testing.tiny import random_model, save, text_config
 
 IMAGE_SIZE, PATCH_SIZE = 28, 7  # 4 x 4 patches + CLS = 17 vision tokens
 NUM_QUERY_TOKENS = 8
@@ -23,12 +23,10 @@ def make_tiny_instructblip(out_dir: str | Path, seed: int = 0, vocab_size: int =
                            vision_layers: int = 2, qformer_layers: int = 3, cross_attention_frequency: int = 2):
     """Build, save and return (model, processor) of a tiny random InstructBLIP with a working processor."""
     from transformers import (BlipImageProcessorPil, InstructBlipConfig, InstructBlipForConditionalGeneration,
-                              InstructBlipProcessor, LlamaConfig)
+                              InstructBlipProcessor)
 
     tokenizer = build_tokenizer()
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=3,
-                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    text = text_config(text_layers, vocab_size, num_key_value_heads=4, tie_word_embeddings=False)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
                   image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     qformer_tokenizer = build_qformer_tokenizer()
@@ -42,7 +40,4 @@ def make_tiny_instructblip(out_dir: str | Path, seed: int = 0, vocab_size: int =
     image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                       qformer_tokenizer=qformer_tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
-    return model, processor
+    return save(out_dir, model, processor)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmjax.processors import IMAGE_TOKEN, build_tokenizer
-from vlmjax.testing.tiny import random_model
+from vlmjax.testing.tiny import clip_config, random_model, save, text_config
 
 # The two text decoders LLaVA-NeXT ships with: Vicuna (Llama) and Mistral (sliding window shorter than the prompts).
 VARIANTS = {
@@ -25,19 +25,12 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 def make_tiny_llava_next(out_dir: str | Path, variant: str = "vicuna", seed: int = 0, vocab_size: int = 128,
                          text_layers: int = 3, vision_layers: int = 3):
     """Build, save and return (model, processor) of a tiny random LLaVA-NeXT with a working processor."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil
+    from transformers import LlavaNextProcessor
 
-    text_spec = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=3,
-                     bos_token_id=1, eos_token_id=2, **VARIANTS[variant])
-    model_type = text_spec.pop("model_type")
-    text_cfg = (MistralConfig if model_type == "mistral" else LlamaConfig)(**text_spec)
-    vision_cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=vision_layers,
-                                  num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                                  projection_dim=32)
     tokenizer = build_tokenizer()
-    cfg = LlavaNextConfig(vision_config=vision_cfg, text_config=text_cfg,
+    cfg = LlavaNextConfig(vision_config=clip_config(vision_layers, IMAGE_SIZE, PATCH_SIZE),
+                          text_config=text_config(text_layers, vocab_size, **VARIANTS[variant]),
                           image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                           image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                           vision_feature_select_strategy="default")
@@ -48,7 +41,4 @@ def make_tiny_llava_next(out_dir: str | Path, variant: str = "vicuna", seed: int
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                    image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
-    return model, processor
+    return save(out_dir, model, processor)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmjax.processors import build_tokenizer
-from vlmjax.testing.tiny import random_model
+from vlmjax.testing.tiny import random_model, save
 
 IMAGE_SIZE, PATCH_SIZE = 28, 7  # 4 x 4 patches: 16 visual tokens per image
 VARIANTS = {  # text configs: PaliGemma 1 (Gemma) and 2 (Gemma 2)
@@ -45,8 +45,4 @@ def make_tiny_paligemma(out_dir: str | Path, variant: str = "gemma2", seed: int 
     cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
                           projection_dim=text["hidden_size"], hidden_size=text["hidden_size"],
                           vocab_size=len(tokenizer), **top)
-    model = random_model(PaliGemmaForConditionalGeneration, cfg, seed)
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
-    return model, processor
+    return save(out_dir, random_model(PaliGemmaForConditionalGeneration, cfg, seed), processor)

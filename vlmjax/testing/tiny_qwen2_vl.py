@@ -3,7 +3,8 @@
 Like `vlmjax.testing.tiny` for LLaVA: a real `Qwen2VLForConditionalGeneration` saved by `save_pretrained` beside its
 processor files (`vlmjax.processors.build_qwen2_vl_processor`: the word-level tokenizer with the Qwen2-VL vision
 tokens, and `Qwen2VLImageProcessorPil` with a small pixel budget, so test images give grids of a few patches),
-loaded back through the path a real checkpoint takes (`vlmjax.load_processor`). Needs the `reference` extra (torch).
+loaded back through the path a real checkpoint takes (`vlmjax.load_processor`). `build` serves the family's other
+members too (`vlmjax.testing.tiny_qwen2_5_vl`). Needs the `reference` extra (torch).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ VARIANTS = {
 }
 
 
-def make_tiny_qwen2_vl(out_dir: str | Path, variant: str = "gqa", seed: int = 0, text_layers: int = 3,
-                       vision_layers: int = 2, overrides: dict | None = None):
-    """Build, save and return (model, processor) of a tiny random Qwen2-VL with a working processor."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+def build(out_dir: str | Path, config_class, model_class, vision: dict, width_field: str, variant: str, seed: int,
+          text_layers: int, overrides: dict | None):
+    """Build, save and return (model, processor) of a tiny random Qwen2-VL-family model (HF `config_class` and
+    `model_class`) with the vision config `vision`, whose field `width_field` (the merger's output) gets the
+    decoder's hidden size; `overrides` changes the text ("text"), vision ("vision") or top-level fields."""
+    from transformers import Qwen2VLImageProcessorPil
 
     spec = {**VARIANTS[variant], **(overrides or {})}
     processor = build_qwen2_vl_processor(Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS))
@@ -38,13 +41,20 @@ def make_tiny_qwen2_vl(out_dir: str | Path, variant: str = "gqa", seed: int = 0,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     text.update(spec.get("text", {}))
-    vision = dict(depth=vision_layers, embed_dim=32, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    vision.update(spec.get("vision", {}))
+    vision = {**vision, width_field: text["hidden_size"], **spec.get("vision", {})}
     top = {k: v for k, v in spec.items() if k not in ("text", "vision")}
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids, **top)
-    model = random_model(Qwen2VLForConditionalGeneration, cfg, seed)
-    out_dir = Path(out_dir)
+    model = random_model(model_class, config_class(text_config=text, vision_config=vision, **ids, **top), seed)
     model.save_pretrained(str(out_dir))
     save_qwen2_vl_processor(processor, out_dir)
     return model, processor
+
+
+def make_tiny_qwen2_vl(out_dir: str | Path, variant: str = "gqa", seed: int = 0, text_layers: int = 3,
+                       vision_layers: int = 2, overrides: dict | None = None):
+    """Build, save and return (model, processor) of a tiny random Qwen2-VL with a working processor."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=vision_layers, embed_dim=32, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    return build(out_dir, Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, "hidden_size", variant, seed,
+                 text_layers, overrides)
