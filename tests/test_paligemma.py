@@ -150,16 +150,12 @@ def test_key_layouts_and_round_trip_to_hf(tiny, padded, tmp_path):
         np.testing.assert_array_equal(run_hf(load_hf_model(out), inputs)["logits"], run_hf(hf_model, inputs)["logits"])
 
 
-def test_cli_verify_info_convert(tiny, tmp_path, capsys):
-    path, _, model, _ = tiny("gemma2")
-    assert cli.main(["verify", str(path)]) == 0
-    assert "PASS" in capsys.readouterr().out
+def test_cli_info_names_the_family_and_its_image_tokens(tiny, capsys):
+    """verify and convert run for every family in test_cli_families; what info says of PaliGemma is its own."""
+    path = tiny("gemma2")[0]
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "model_type: paligemma" in out and "with this processor: 16" in out
-    assert cli.main(["convert", str(path), str(tmp_path / "conv")]) == 0
-    for a, b in zip(_leaves(vlmjax.load(tmp_path / "conv").params), _leaves(model.params), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_logit_lens_and_dola_read_gemmas_head(tiny, padded):
