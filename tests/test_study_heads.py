@@ -156,6 +156,7 @@ def test_study_end_to_end_with_a_second_model(tiny, study):
     assert report.heads_correlate(summary).verdict in (report.REPRODUCED, report.NOT_REPRODUCED)
     unrelated = {**summary, "model_comparison": {**comparison, "variant_of_model": False}}
     assert "not a fine-tuned variant" in report.heads_correlate(unrelated).evidence
+    assert report.heads_across_families(summary).verdict == report.NOT_APPLICABLE
     assert report.lens_settles(summary).verdict != report.NOT_APPLICABLE
 
 
@@ -191,3 +192,14 @@ def test_changed_compare_model_weights_are_refused(tiny, tmp_path):
     shutil.copy(tiny / "a" / "model.safetensors", tmp_path / "compare" / "model.safetensors")
     with pytest.raises(VlmJaxError, match=r"compare_model records .* different model: model\.weights.*--overwrite"):
         visual_heads.load_compare_model(cfg, model, tmp_path / "out")
+
+
+def test_the_default_compare_model_is_the_organism_fine_tuned():
+    """The study's default second model was trained from the default model's weights (its report's fingerprint of
+    them equals the shipped organism's), so the default comparison is the paper's base-vs-variant one."""
+    from vlmjax.builtin import resolve
+
+    default = json.loads(visual_heads.CONFIG.read_text())["compare_model"]
+    trained = json.loads((resolve(default) / "training_report.json").read_text())
+    organism = fingerprint.of_model(vlmjax.load(common.DEFAULT_MODEL, progress=False))
+    assert trained["config"]["init_from"] == common.DEFAULT_MODEL and trained["init_from_weights"] == organism["weights"]
