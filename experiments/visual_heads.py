@@ -13,10 +13,12 @@ paper's [0, 10), [10, 20), [20, 32) of 32 layers scaled to the model) and each k
 masked and, as the control, k heads drawn from all the stage's other heads under each random seed ("uniform": the
 head attends uniformly to the keys it may see); every configuration runs in one compiled sweep per batch. Top vs
 random: bootstrap CI of the accuracy difference and a paired sign-flip permutation test over questions.
-With `compare_model` (a path or builtin:NAME of the same layer x head grid), phase 1 runs on it too and the Pearson
-correlation of the two models' head scores is reported (the paper: > 0.8 within a family, < 0.1 across families).
-Records are appended per phase (resumable); summary.json, the heatmaps, masking curves and lens ranks
-(visual_heads.png) and TensorBoard scalars come from them.
+With `compare_model` (a path or builtin:NAME of the same layer x head grid; by default
+builtin:llava-shapes-deep-variant, the organism fine-tuned further on another seed's data), phase 1 runs on it too
+and the Pearson correlation of the two models' head scores is reported (the paper: > 0.8 between a base model and
+its variants, < 0.1 across families). Records are appended per phase (resumable; the second model's records only
+with the weights that wrote them, fingerprinted beside them); summary.json, the heatmaps, masking curves and lens
+ranks (visual_heads.png) and TensorBoard scalars come from them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from PIL import Image
 import vlmjax
 from experiments.common import (VISUAL_TOKENS, AnswerScorer, accuracy_by_group, compare_to_random, figure, log_curves,
                                 main_with_config, run_phase, save_figure, score_rows, setup)
+from vlmjax import fingerprint
 from vlmjax import interventions as iv
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.stats import pearson
@@ -43,6 +46,7 @@ from vlmjax.sweep import make_sweep
 CONFIG = Path(__file__).with_suffix(".json")
 PAPER_STAGE_HEADS = 320  # 10 layers x 32 heads: a stage of LLaVA-1.5-7B
 TOP_HEADS = 10  # the top heads listed in the summary, with their logit-lens ranks
+COMPARE_RECORDS = "records_heads_compare.jsonl"  # phase 1 on compare_model
 QUERY = ("the prompt's last token, the position that generates the answer: head statistics, the logit lens and every "
          "masked run's first-token answer are all read there")
 REGION = ("the visual tokens whose patch centre lies in the counting question's box (the box in the generated "
@@ -142,6 +146,7 @@ def lens_summary(ranks: np.ndarray) -> dict:
 
 def run(config: dict) -> dict:
     model, processor, questions, out = setup(config)
+    other, not_run = load_compare_model(config, model, out)
     heads = head_statistics(model, processor, questions, out / "records_heads.jsonl", config["batch_size"],
                             "head statistics")
     scores = head_scores(heads)
@@ -165,7 +170,7 @@ def run(config: dict) -> dict:
                        "head masking", mask_heads)
     correct = np.array([r["correct"] for r in masked])  # [Q, K]
     summary = summarise(config, questions, heads, scores, masked, correct, described)
-    summary["model_comparison"] = compare_models(config, questions, summary, out)
+    summary["model_comparison"] = not_run or compare_models(model, other, config, questions, summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     curves = {f"heads/{row['stage']}_{kind}": [r[kind] for r in summary["masking"] if r["stage"] == row["stage"]]
               for row in summary["masking"] for kind in ("top_accuracy", "random_mean_accuracy", "top_vs_random_p")}
@@ -218,26 +223,45 @@ def masking_table(described: list[dict], correct: np.ndarray) -> list[dict]:
     return rows
 
 
-def compare_models(config: dict, questions, summary: dict, out: Path) -> dict:
-    """Pearson correlation over heads of this model's detection scores (and of w and c) with `compare_model`'s, on
-    the same questions; "not_run" with the reason when there is no second model or its head grid differs."""
-    other_path, scores = config["compare_model"], np.array(summary["scores"])
+def load_compare_model(config: dict, model, out: Path):
+    """(`compare_model` loaded, None), or (None, {"not_run": why}) when there is none or its layer x head grid is not
+    `model`'s. Its records resume only with the weights that wrote them: their fingerprint (`vlmjax.fingerprint`),
+    beside them, must equal the loaded model's, else the run is refused before any phase runs."""
+    other_path = config["compare_model"]
     if other_path is None:
-        return {"not_run": "no compare_model in the config (a second model's path or builtin:NAME, with the same "
-                           "layers and heads, e.g. the same model retrained under another seed)"}
+        return None, {"not_run": "no compare_model in the config (a second model's path or builtin:NAME, with the "
+                                 "same layers and heads, e.g. builtin:llava-shapes-deep-variant, the organism "
+                                 "fine-tuned further)"}
     other = vlmjax.load(other_path, progress=False)
-    other_heads = (other.num_layers["blocks"], other.config.text.num_heads)
-    if other_heads != scores.shape:
-        return {"compare_model": other_path, "not_run": f"its head grid is {other_heads[0]} layers x {other_heads[1]} "
-                f"heads, this model's {scores.shape[0]} x {scores.shape[1]}: a correlation over heads needs the same grid"}
+    grid, other_grid = ((m.num_layers["blocks"], m.config.text.num_heads) for m in (model, other))
+    if other_grid != grid:
+        return None, {"compare_model": other_path, "not_run": f"its head grid is {other_grid[0]} layers x "
+                      f"{other_grid[1]} heads, this model's {grid[0]} x {grid[1]}: a correlation over heads needs "
+                      "the same grid"}
+    records = out / COMPARE_RECORDS
+    fingerprint.claim(fingerprint.sidecar(records), {"model": fingerprint.of_model(other)}, records.is_file(),
+                      f"The compare_model records {records}")
+    return other, None
+
+
+def compare_models(model, other, config: dict, questions, summary: dict, out: Path) -> dict:
+    """Pearson correlation over heads of `model`'s detection scores (and of w and c) with those of `other` (the
+    loaded `compare_model`, same head grid) on the same questions, and whether `other` is a fine-tuned variant of
+    `model` (the comparison the paper's > 0.8 is about): its training_report.json says it was trained from weights
+    with `model`'s fingerprint (`init_from_weights`, written by `python -m vlmjax.train --init-from`)."""
+    scores = np.array(summary["scores"])
     processor = vlmjax.load_processor(other.path)
     processor.tokenizer.padding_side = "left"
-    rows = head_statistics(other, processor, questions, out / "records_heads_compare.jsonl", config["batch_size"],
+    rows = head_statistics(other, processor, questions, out / COMPARE_RECORDS, config["batch_size"],
                            "head statistics (compare_model)")
     other_scores = head_scores(rows)
     correlate = lambda a, b: dict(zip(("r", "p"), pearson(np.ravel(a), np.ravel(b))))
     top = lambda s: set(np.argsort(-np.ravel(s), kind="stable")[:TOP_HEADS].tolist())
-    return {"compare_model": other_path, "heads": int(scores.size), "scores": correlate(scores, other_scores),
+    report = Path(other.path) / "training_report.json"
+    training = json.loads(report.read_text()) if report.is_file() else {}
+    return {"compare_model": config["compare_model"], "trained_from": training.get("config", {}).get("init_from"),
+            "variant_of_model": training.get("init_from_weights") == fingerprint.of_model(model)["weights"],
+            "heads": int(scores.size), "scores": correlate(scores, other_scores),
             **{key: correlate(summary[key], np.mean([r[key] for r in rows], axis=0))
                for key in ("image_weight", "concentration")},
             "top_heads_shared": len(top(scores) & top(other_scores)) / min(TOP_HEADS, scores.size),

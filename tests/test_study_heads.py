@@ -1,6 +1,6 @@
 """The visual-heads study (seed 003): its new computations against independent references (hand-worked statistics,
 NumPy on HF's own attentions, hidden states and unembedding), and the study end to end on tiny LLaVAs, with a
-second model for the head-score correlation."""
+second model (a's "variant") for the head-score correlation, whose records resume only with its own weights."""
 
 import itertools
 import json
@@ -13,8 +13,9 @@ from scipy import stats as scipy_stats
 
 import vlmjax
 from experiments import common, report, visual_heads
-from vlmjax import load_processor
+from vlmjax import fingerprint, load_processor
 from vlmjax.data.shapes import generate_dataset
+from vlmjax.errors import VlmJaxError
 from vlmjax.eval.batches import padded_batches
 from vlmjax.eval.stats import correlation_interval
 from vlmjax.testing.tiny import make_tiny_llava
@@ -25,10 +26,14 @@ FILES = {"pope_test_random": 3, "count_test": 3}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Two tiny LLaVAs of one grid (2 layers x 4 heads; seeds 0 and 1), one shapes-world data set."""
+    """Two tiny LLaVAs of one grid (2 layers x 4 heads; seeds 0 and 1), b with a training report naming a's weights
+    as its starting point (as `python -m vlmjax.train --init-from` writes it), one shapes-world data set."""
     root = tmp_path_factory.mktemp("heads")
     for name, seed in (("a", 0), ("b", 1)):
         make_tiny_llava(root / name, seed=seed, text_layers=2)
+    origin = fingerprint.of_model(vlmjax.load(str(root / "a"), progress=False))["weights"]
+    (root / "b" / "training_report.json").write_text(json.dumps({"config": {"init_from": str(root / "a")},
+                                                                 "init_from_weights": origin}))
     generate_dataset(str(root / "data"), 10, 1234, image_size=64, progress=False)
     return root
 
@@ -127,7 +132,7 @@ def test_head_statistics_match_hf(tiny, study):
     assert any(r["region_weight"] is not None for r in rows)
 
 
-def test_study_end_to_end_with_a_second_model(study):
+def test_study_end_to_end_with_a_second_model(tiny, study):
     summary, out = study
     assert summary["questions"] == 5 and summary["masking_questions"] == 3  # 2 test images: 2 counting questions
     assert summary["region_questions"] == 2
@@ -147,16 +152,54 @@ def test_study_end_to_end_with_a_second_model(study):
     assert comparison["scores"]["r"] == pytest.approx(r) and comparison["scores"]["p"] == pytest.approx(p)
     assert abs(r) < 0.999  # two differently seeded models
     assert (out / "visual_heads.png").is_file() and list((out / "tensorboard").iterdir())
+    assert comparison["variant_of_model"] and comparison["trained_from"] == str(tiny / "a")
     assert report.heads_correlate(summary).verdict in (report.REPRODUCED, report.NOT_REPRODUCED)
+    unrelated = {**summary, "model_comparison": {**comparison, "variant_of_model": False}}
+    assert "not a fine-tuned variant" in report.heads_correlate(unrelated).evidence
+    assert report.heads_across_families(summary).verdict == report.NOT_APPLICABLE
     assert report.lens_settles(summary).verdict != report.NOT_APPLICABLE
 
 
 def test_comparison_not_run_states_why(tiny, tmp_path):
-    summary = {"scores": np.zeros((2, 4)).tolist()}
-    other_grid = visual_heads.compare_models(config(tiny, tmp_path, compare_model="builtin:llava-shapes"), [], summary,
-                                             tmp_path)
-    assert "3 layers x 4 heads" in other_grid["not_run"] and not list(tmp_path.glob("*.jsonl"))
-    alone = visual_heads.compare_models(config(tiny, tmp_path), [], summary, tmp_path)
+    model = vlmjax.load(str(tiny / "a"), progress=False)
+    _, other_grid = visual_heads.load_compare_model(config(tiny, tmp_path, compare_model="builtin:llava-shapes"),
+                                                    model, tmp_path)
+    assert "3 layers x 4 heads" in other_grid["not_run"] and not list(tmp_path.iterdir())
+    _, alone = visual_heads.load_compare_model(config(tiny, tmp_path, compare_model=None), model, tmp_path)
     assert "no compare_model" in alone["not_run"]
     verdict = report.heads_correlate({"model_comparison": alone})
     assert verdict.verdict == report.NOT_APPLICABLE and "no compare_model" in verdict.evidence
+
+
+def test_study_writes_the_compare_models_fingerprint(tiny, study):
+    stored = json.loads((study[1] / "records_heads_compare.fingerprint.json").read_text())
+    assert stored == {"model": fingerprint.of_model(vlmjax.load(str(tiny / "b"), progress=False))}
+
+
+def test_changed_compare_model_weights_are_refused(tiny, tmp_path):
+    """compare_model's records resume only with the weights that wrote them: the same path holding other weights
+    (here a's) is refused, naming the weights and the way out."""
+    import shutil
+
+    model = vlmjax.load(str(tiny / "a"), progress=False)
+    shutil.copytree(tiny / "b", tmp_path / "compare")
+    cfg = config(tiny, tmp_path / "out", compare_model=str(tmp_path / "compare"))
+    (tmp_path / "out").mkdir()
+    other, not_run = visual_heads.load_compare_model(cfg, model, tmp_path / "out")
+    assert not_run is None and other.path == tmp_path / "compare"
+    (tmp_path / "out" / visual_heads.COMPARE_RECORDS).write_text('{"id": 1}\n')  # a record written by b
+    visual_heads.load_compare_model(cfg, model, tmp_path / "out")  # same weights: resumes
+    shutil.copy(tiny / "a" / "model.safetensors", tmp_path / "compare" / "model.safetensors")
+    with pytest.raises(VlmJaxError, match=r"compare_model records .* different model: model\.weights.*--overwrite"):
+        visual_heads.load_compare_model(cfg, model, tmp_path / "out")
+
+
+def test_the_default_compare_model_is_the_organism_fine_tuned():
+    """The study's default second model was trained from the default model's weights (its report's fingerprint of
+    them equals the shipped organism's), so the default comparison is the paper's base-vs-variant one."""
+    from vlmjax.builtin import resolve
+
+    default = json.loads(visual_heads.CONFIG.read_text())["compare_model"]
+    trained = json.loads((resolve(default) / "training_report.json").read_text())
+    organism = fingerprint.of_model(vlmjax.load(common.DEFAULT_MODEL, progress=False))
+    assert trained["config"]["init_from"] == common.DEFAULT_MODEL and trained["init_from_weights"] == organism["weights"]

@@ -1,5 +1,6 @@
 """The training script of the built-in models: both families train (losses fall), save HF directories that load,
-and Qwen2-VL's per-image training forward equals the model's packed forward."""
+continue a saved model (from its weights, resuming exactly), and Qwen2-VL's per-image training forward equals the
+model's packed forward."""
 
 import dataclasses
 import json
@@ -101,15 +102,85 @@ def test_a_stopped_run_resumes_from_its_checkpoint_exactly(prepared, tmp_path):
         train.train(model, data, dataclasses.replace(cfg, steps=31), progress=False, checkpoint_dir=tmp_path)
 
 
-def test_run_saves_an_hf_directory_with_a_report(tmp_path):
-    cfg = dataclasses.replace(_small("llava"), alignment_steps=2, steps=2)
-    report = train.run(cfg, tmp_path, progress=False)
-    saved = json.loads((tmp_path / "training_report.json").read_text())
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A whole run (2 + 2 steps) of the small LLaVA: (its output directory, its report)."""
+    path = tmp_path_factory.mktemp("trained")
+    return path, train.run(dataclasses.replace(_small("llava"), alignment_steps=2, steps=2), path, progress=False)
+
+
+def test_run_saves_an_hf_directory_with_a_report(trained):
+    path, report = trained
+    saved = json.loads((path / "training_report.json").read_text())
     assert saved["test_accuracy"] == report["test_accuracy"] and set(saved["test_accuracy_by_split"]) == {
         "random", "popular", "adversarial"}
     from vlmjax import load_processor
 
-    assert vlmjax.load(tmp_path, progress=False).config.image_token_id == load_processor(tmp_path).image_token_id
+    assert vlmjax.load(path, progress=False).config.image_token_id == load_processor(path).image_token_id
+
+
+def _continued(source) -> train.TrainConfig:
+    """Training continued from `source` (the small LLaVA's architecture) on another seed, without alignment."""
+    return dataclasses.replace(_small("llava"), init_from=str(source), seed=1, alignment_steps=0, steps=8,
+                               learning_rate=1e-3, checkpoint_every=4)
+
+
+def test_training_from_a_saved_model_starts_from_its_weights(trained, tmp_path):
+    source = trained[0]
+    cfg = _continued(source)
+    model = train.initial_model(cfg, train.build_processor(cfg), tmp_path)
+    for a, b in zip(jax.tree.leaves(vlmjax.load(source, progress=False).params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not list(tmp_path.iterdir())  # nothing was initialised
+    with pytest.raises(VlmJaxError, match="text.num_layers: 2 there, 3 in the settings"):
+        train.initial_model(dataclasses.replace(cfg, text_layers=3), train.build_processor(cfg), tmp_path)
+    with pytest.raises(VlmJaxError, match="vocabulary"):
+        wider = dataclasses.replace(cfg, image_size=72)  # more number words (and another tower)
+        train.initial_model(wider, train.build_processor(wider), tmp_path)
+
+
+def test_a_continued_run_resumes_exactly_and_refuses_other_starting_weights(trained, tmp_path):
+    """Continue the trained model for 8 steps whole, and in a piece stopped at step 6 (newest checkpoint: step 4)
+    from a copy of it; the piece refuses to resume once the copy's weights change, and resumes exactly with them
+    restored: the same parameters as the whole run, which moved away from the source's."""
+    import shutil
+
+    source = trained[0]
+    whole = train.run(_continued(source), tmp_path / "whole", progress=False)
+    shutil.copytree(source, tmp_path / "start")
+    cfg = _continued(tmp_path / "start")
+
+    class Stop(Exception):
+        pass
+
+    stopping = train.StageCheckpoints.save
+
+    def save_then_stop(self, step, *args, **kwargs):
+        stopping(self, step, *args, **kwargs)
+        if step == 6:
+            self.manager.wait_until_finished()
+            raise Stop
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StageCheckpoints, "save", save_then_stop)
+        with pytest.raises(Stop):
+            train.run(cfg, tmp_path / "piece", progress=False)
+    assert sorted(p.name for p in (tmp_path / "piece" / "checkpoints").iterdir()) == ["training"]  # no alignment
+    weights = tmp_path / "start" / "model.safetensors"
+    original = weights.read_bytes()
+    shutil.copy(tmp_path / "whole" / "model.safetensors", weights)
+    with pytest.raises(VlmJaxError, match="init_from_weights"):
+        train.run(cfg, tmp_path / "piece", progress=False)
+    weights.write_bytes(original)
+    resumed = train.run(cfg, tmp_path / "piece", progress=False)
+    assert resumed["alignment_loss_last_50"] is None and resumed["config"]["init_from"] == str(tmp_path / "start")
+    assert (resumed["answer_loss_first_50"], resumed["answer_loss_last_50"]) == (whole["answer_loss_first_50"],
+                                                                                 whole["answer_loss_last_50"])
+    params = [jax.tree.leaves(vlmjax.load(path, progress=False).params) for path in
+              (tmp_path / "whole", tmp_path / "piece", source)]
+    for a, b in zip(params[0], params[1]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(params[0], params[2]))
 
 
 def test_command_line_overrides_the_preset(tmp_path, monkeypatch):
@@ -123,6 +194,12 @@ def test_command_line_overrides_the_preset(tmp_path, monkeypatch):
     assert not seen["cfg"].balance_answers and train.PRESETS["llava-shapes"].balance_answers
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path), "--tasks", "pope,dance"])
+    train.main(["--out", str(tmp_path), "--init-from", "builtin:llava-shapes", "--vision-heads", "2"])
+    assert (seen["cfg"].init_from, seen["cfg"].vision_heads) == ("builtin:llava-shapes", 2)
+    train.main(["--preset", "llava-shapes-deep-variant", "--out", str(tmp_path)])
+    assert seen["cfg"].init_from == "builtin:llava-shapes-deep" and seen["cfg"].alignment_steps == 0
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path), "--steps", "0"])
 
 
 def test_patch_labels_give_each_object_its_pixel_share():

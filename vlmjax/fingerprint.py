@@ -65,14 +65,16 @@ def of_tree(tree) -> str:
     return _sha(str(treedef).encode(), *(np.asarray(x).tobytes() + str(np.shape(x)).encode() for x in leaves))
 
 
-def _differences(stored: Mapping, current: Mapping, prefix: str = "") -> list[str]:
+def differences(stored: Mapping, current: Mapping, where: tuple[str, str] = ("on disk", "now"),
+                prefix: str = "") -> list[str]:
+    """Every leaf of two nested dicts that differs, as "a.b: stored-value on disk, current-value now"."""
     out = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _differences(a, b, f"{prefix}{key}.")
+            out += differences(a, b, where, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: {json.dumps(a)} on disk, {json.dumps(b)} now")
+            out.append(f"{prefix}{key}: {json.dumps(a)} {where[0]}, {json.dumps(b)} {where[1]}")
     return out
 
 
@@ -97,11 +99,11 @@ def claim(fingerprint_path, fingerprint: Mapping[str, Any], has_records: bool, r
             stored = json.loads(fingerprint_path.read_text())
         except json.JSONDecodeError:
             raise VlmJaxError(f"{fingerprint_path} is not valid JSON. {fix}") from None
-        differences = _differences(stored, fingerprint)
-        if differences:
-            kinds = sorted({d.split(".")[0].split(":")[0] for d in differences})
+        differing = differences(stored, fingerprint)
+        if differing:
+            kinds = sorted({d.split(".")[0].split(":")[0] for d in differing})
             raise VlmJaxError(f"{records} was written with a different {' and '.join(kinds)}: "
-                              f"{'; '.join(differences)}. {fix}")
+                              f"{'; '.join(differing)}. {fix}")
     temporary = fingerprint_path.with_name(fingerprint_path.name + ".tmp")
     temporary.write_text(json.dumps(fingerprint, indent=1))
     os.replace(temporary, fingerprint_path)

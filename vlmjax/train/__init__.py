@@ -18,7 +18,9 @@ Prompts have the evaluation form ``USER: <image> Is there a red circle in the im
 trained parameters are written with ``converters.hf.save_hf``, so ``vlmjax.load(DIR)`` and HF ``from_pretrained(DIR)``
 both read the result, and ``training_report.json`` beside them records the config, losses, held-out POPE accuracy and
 the accuracy with black images. Everything is deterministic given the seed: images, questions, initialisation and
-batch order.
+batch order. ``--init-from MODEL`` (preset field ``init_from``) continues a trained model instead (its architecture
+and vocabulary must be the settings'), with ``--alignment-steps 0`` skipping the alignment stage: the
+``llava-shapes-deep-variant`` preset fine-tunes the shipped organism further on another seed's data.
 
 The package, along its seams: ``presets`` (settings, presets, processor, initial model), ``data`` (conversations,
 reply weights, grounding targets, batch streams), ``losses``, ``loop`` (optimiser, checkpoints, the two stages),
@@ -32,12 +34,13 @@ from vlmjax.train.data import (answer_weights, conversation_batches, conversatio
 from vlmjax.train.losses import alignment_loss, grounding_loss, training_forward, training_loss
 from vlmjax.train.loop import StageCheckpoints, fit, make_optimizer, train
 from vlmjax.train.presets import (DESCRIBE_QUESTION, FAMILIES, PRESETS, PROMPT, TASKS, TrainConfig, build_processor,
-                                  hf_config, init_hf_model, shapes_vocabulary, token_side)
+                                  check_initial_model, hf_config, init_hf_model, initial_model, shapes_vocabulary,
+                                  token_side)
 from vlmjax.train.report import evaluate_first_token, evaluate_yes_no, parameter_count, run
 
-__all__ = ["DESCRIBE_QUESTION", "FAMILIES", "PRESETS", "PROMPT", "TASKS", "StageCheckpoints", "TrainConfig",
-           "alignment_loss", "answer_weights", "build_processor", "conversation_batches", "conversation_text",
-           "conversations", "describe_sample", "encode", "evaluate_first_token", "evaluate_yes_no", "fit",
-           "grounding_loss", "hf_config", "image_batches", "init_hf_model", "loss_weights", "main", "make_optimizer",
-           "model_batch", "parameter_count", "patch_labels", "reply_starts", "run", "shapes_questions",
-           "shapes_vocabulary", "token_side", "train", "training_forward", "training_loss"]
+__all__ = ["DESCRIBE_QUESTION", "FAMILIES", "PRESETS", "PROMPT", "StageCheckpoints", "TASKS", "TrainConfig",
+           "alignment_loss", "answer_weights", "build_processor", "check_initial_model", "conversation_batches",
+           "conversation_text", "conversations", "describe_sample", "encode", "evaluate_first_token",
+           "evaluate_yes_no", "fit", "grounding_loss", "hf_config", "image_batches", "init_hf_model", "initial_model",
+           "loss_weights", "main", "make_optimizer", "model_batch", "parameter_count", "patch_labels", "reply_starts",
+           "run", "shapes_questions", "shapes_vocabulary", "token_side", "train", "training_forward", "training_loss"]

@@ -21,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "family": "model family: llava (CLIP tower, MLP projector, Llama) or qwen2_vl (Qwen2-VL tower and merger, "
                   "Qwen2 with M-RoPE)",
         "seed": "seed of the images, questions, initialisation and batch order",
+        "init_from": "a trained model (path or builtin:NAME) to continue training instead of initialising one; it "
+                     "must be the architecture and vocabulary the settings describe (alignment is skipped with "
+                     "--alignment-steps 0)",
         "n_images": "shapes-world images to generate (train and held-out test together)",
         "test_fraction": "fraction of the images held out as the test split",
         "image_size": "image side in pixels",
@@ -56,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         elif isinstance(field.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=type(field.default), help=help_text)
+            kind = {"vision_heads": int, "init_from": str}.get(field.name, type(field.default))  # default None
+            parser.add_argument(flag, type=kind, help=help_text)
     args = vars(parser.parse_args(argv))
     out, preset = args.pop("out"), PRESETS[args.pop("preset")]
     if args["tasks"] is not None:
@@ -64,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         unknown = set(args["tasks"]) - set(TASKS)
         if unknown:
             parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
-    cfg = dataclasses.replace(preset, **{k: v for k, v in args.items() if v is not None})
+    try:
+        cfg = dataclasses.replace(preset, **{k: v for k, v in args.items() if v is not None})
+    except ValueError as error:
+        parser.error(str(error))
     report = run(cfg, out)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     return report

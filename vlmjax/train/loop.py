@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from vlmjax import fingerprint
 from vlmjax.train.data import conversation_batches, image_batches
 from vlmjax.train.losses import alignment_loss, training_loss
 from vlmjax.train.presets import TrainConfig
@@ -111,19 +112,28 @@ def fit(params, loss_fn, batch_stream, steps: int, learning_rate: float, cfg: Tr
     return params, history, time.perf_counter() - started if done < steps else log["seconds"]
 
 
+def starting_point(cfg: TrainConfig, model) -> dict:
+    """{"init_from_weights": fingerprint of the weights} for a run continuing ``cfg.init_from`` (``model``), else
+    {}: part of the settings a resume must match, and of the training report (what the model was trained from)."""
+    return {} if cfg.init_from is None else {"init_from_weights": fingerprint.of_model(model)["weights"]}
+
+
 def train(model, data: dict[str, np.ndarray], cfg: TrainConfig, progress: bool = True,
           checkpoint_dir: str | Path | None = None):
-    """Two stages from ``model.params``: ``cfg.alignment_steps`` of ``alignment_loss`` on images, then
-    ``cfg.steps`` of ``training_loss`` on conversations. Returns (params, {"alignment": history, "training":
+    """Two stages from ``model.params``: ``cfg.alignment_steps`` of ``alignment_loss`` on images (none when 0),
+    then ``cfg.steps`` of ``training_loss`` on conversations. Returns (params, {"alignment": history, "training":
     history}, seconds of training), each history holding per-step values of the loss parts. With
-    ``checkpoint_dir`` each stage checkpoints there (orbax) and a rerun resumes where the last one stopped."""
+    ``checkpoint_dir`` each stage checkpoints there (orbax) and a rerun resumes where the last one stopped; the
+    settings a resume must match include the starting weights (``starting_point``)."""
+    settings = {**dataclasses.asdict(cfg), **starting_point(cfg, model)}
     stage = lambda name: None if checkpoint_dir is None else StageCheckpoints(
-        Path(checkpoint_dir) / name, cfg.checkpoint_every, dataclasses.asdict(cfg))
-    params, aligned, align_seconds = fit(model.params, lambda p, b: alignment_loss(model, p, b),
-                          lambda start: image_batches(model, data, cfg.batch_size, cfg.alignment_steps, cfg.seed,
-                                                      start),
-                          cfg.alignment_steps, cfg.alignment_learning_rate, cfg, "aligning", progress,
-                          stage("alignment"))
+        Path(checkpoint_dir) / name, cfg.checkpoint_every, settings)
+    params, aligned, align_seconds = model.params, {}, 0.0
+    if cfg.alignment_steps:
+        params, aligned, align_seconds = fit(
+            params, lambda p, b: alignment_loss(model, p, b),
+            lambda start: image_batches(model, data, cfg.batch_size, cfg.alignment_steps, cfg.seed, start),
+            cfg.alignment_steps, cfg.alignment_learning_rate, cfg, "aligning", progress, stage("alignment"))
     params, trained, train_seconds = fit(params, lambda p, b: training_loss(model, p, b, cfg.grounding_weight),
                           lambda start: conversation_batches(model, data, cfg.batch_size, cfg.steps, cfg.seed, start),
                           cfg.steps, cfg.learning_rate, cfg, "training", progress, stage("training"))

@@ -20,8 +20,8 @@ from vlmjax.eval.pope import first_token_correct, pope_metrics, says_yes, yes_pr
 from vlmjax.eval.run import answer_token_ids
 from vlmjax.eval.batches import padded_batches
 from vlmjax.train.data import answer_weights, conversations, encode, shapes_questions
-from vlmjax.train.loop import train
-from vlmjax.train.presets import PROMPT, TrainConfig, build_processor, init_hf_model, token_side
+from vlmjax.train.loop import starting_point, train
+from vlmjax.train.presets import PROMPT, TrainConfig, build_processor, initial_model, token_side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,39 +78,39 @@ def evaluate_first_token(model, processor, images: dict[str, Image.Image], quest
 
 
 def run(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Generate data, initialise, train, save to ``out_dir`` and evaluate on the held-out test subset. Training
-    checkpoints into ``out_dir/checkpoints`` (removed once the model and its report are written), so a killed run
-    started again with the same settings resumes where it stopped."""
+    """Generate data, initialise (or load ``cfg.init_from``), train, save to ``out_dir`` and evaluate on the held-out
+    test subset. Training checkpoints into ``out_dir/checkpoints`` (removed once the model and its report are
+    written), so a killed run started again with the same settings resumes where it stopped."""
     import vlmjax
     from converters.hf import save_hf
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    images, questions = shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, cfg.tasks)
-    train_questions = questions["train"]
-    test_questions = [q for q in questions["test"] if q.question_type == "pope"]
-    open_questions = [q for q in questions["test"] if q.question_type in ("attribute", "count")]
-    with tempfile.TemporaryDirectory() as init_dir:
+    with tempfile.TemporaryDirectory() as scratch_dir:
         processor = build_processor(cfg)
-        init_hf_model(cfg, processor, init_dir)
-        model = vlmjax.load(init_dir, progress=False)
+        model = initial_model(cfg, processor, scratch_dir)  # first: a refused init_from costs no data generation
+        images, questions = shapes_questions(cfg.n_images, cfg.seed, cfg.image_size, cfg.test_fraction, cfg.tasks)
+        train_questions = questions["train"]
+        test_questions = [q for q in questions["test"] if q.question_type == "pope"]
+        open_questions = [q for q in questions["test"] if q.question_type in ("attribute", "count")]
         weights = answer_weights(train_questions) if cfg.balance_answers else None
         data = encode(processor, images, conversations(train_questions, cfg.seed), token_side(cfg),
                       cfg.label_objects, cfg.label_min_fraction, weights)
         data_seconds = time.perf_counter() - started
         params, history, train_seconds = train(model, data, cfg, progress, out_dir / "checkpoints")
-        save_hf(params, model.config, model.hf_config, out_dir, source_dir=init_dir)
+        save_hf(params, model.config, model.hf_config, out_dir, source_dir=model.path)
     trained = vlmjax.load(out_dir, progress=False)
     real = evaluate_yes_no(trained, processor, images, test_questions)
     black = evaluate_yes_no(trained, processor, images, test_questions, black_images=True)
     answers, splits = [q.answer for q in test_questions], np.array([q.split for q in test_questions])
     by_split = lambda result: {split: float(first_token_correct(result["p_yes"], answers)[splits == split].mean())
                                for split in shapes.POPE_SPLITS}
-    report = {"config": dataclasses.asdict(cfg), "parameters": parameter_count(params),
+    report = {"config": dataclasses.asdict(cfg), **starting_point(cfg, model), "parameters": parameter_count(params),
               "train_questions": len(train_questions), "train_images": len(data["pixel_values"]),
               "test_questions": len(test_questions), "train_seconds": round(train_seconds, 1),
               "data_seconds": round(data_seconds, 1), "device": jax.devices()[0].device_kind,
-              "alignment_loss_last_50": float(np.mean(history["alignment"]["grounding"][-50:])),
+              "alignment_loss_last_50": float(np.mean(history["alignment"]["grounding"][-50:]))
+              if cfg.alignment_steps else None,
               "answer_loss_first_50": float(np.mean(history["training"]["answer"][:50])),
               "answer_loss_last_50": float(np.mean(history["training"]["answer"][-50:])),
               "grounding_loss_last_50": float(np.mean(history["training"]["grounding"][-50:])),
