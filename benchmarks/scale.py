@@ -8,8 +8,10 @@ chunks (the model is never in memory), then measures, each in its own process (p
 (c) one forward on one image + a 40-token question (616 tokens) with the `VisualAttention` probe, sharded and on
     one device: finite, the same within bf16 tolerance, and its time;
 (d) `vlmjax convert` to bf16: peak RSS.
-`--layers N --vision-layers N` (and --width etc.) scale it down; the full shape needs ~14 GB of disk and, for (a)
-and (b), ~16 GB of memory. Usage: python benchmarks/scale.py --layers 2 --vision-layers 2 [--out benchmarks/RESULTS.md]
+`--layers N --vision-layers N` (and --width etc.) scale it down, `--kinds` picks the measurements. The full shape
+needs ~14 GB of disk and ~16.5 GiB of memory for (a), (b) with FSDP_RULES and (d); (b) with DEFAULT_RULES holds
+the model twice in one process of 8 simulated devices, and (c) on XLA:CPU holds f32 copies of the stacked layer
+weights (benchmarks/RESULTS.md). Usage: python benchmarks/scale.py --layers 2 --vision-layers 2 [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -224,16 +226,21 @@ def compare_records(a: Path, b: Path) -> dict:
             "top1_same": bool((lx.argmax(-1) == ly.argmax(-1)).all()), "logit_scale": float(np.abs(lx).max())}
 
 
-def run(shape: dict, workdir: Path) -> dict:
+def run(shape: dict, workdir: Path, kinds=KINDS, forwards: int = 2) -> dict:
+    """Write the checkpoint, then each measurement of `kinds` in its own process, one at a time (each result is
+    printed as it comes, for a long run's log)."""
     ckpt = workdir / "hf"
     start = time.perf_counter()
     total = write_checkpoint(ckpt, **shape)
     results = {"shape": shape, "checkpoint_bytes": total, "write_seconds": time.perf_counter() - start}
-    for kind in KINDS:
-        results[kind] = run_measurement(kind, ckpt, workdir / (kind + ("" if kind == "convert" else ".npz")))
-    shutil.rmtree(workdir / "convert")
+    print(f"checkpoint: {total} bytes in {results['write_seconds']:.1f} s", flush=True)
+    for kind in kinds:
+        results[kind] = run_measurement(kind, ckpt, workdir / (kind + ("" if kind == "convert" else ".npz")), forwards)
+        print(f"{kind}: {json.dumps(results[kind])}", flush=True)
+    shutil.rmtree(workdir / "convert", ignore_errors=True)
     for kind in ("mesh", "fsdp"):
-        results[f"{kind}_vs_one"] = compare_records(workdir / "load.npz", workdir / f"{kind}.npz")
+        if kind in kinds and "load" in kinds and forwards:
+            results[f"{kind}_vs_one"] = compare_records(workdir / "load.npz", workdir / f"{kind}.npz")
     return results
 
 
@@ -250,13 +257,17 @@ def report(r: dict) -> str:
         "| measurement | peak RSS GiB | baseline GiB | peak / checkpoint | (peak - baseline) / checkpoint | s |",
         "|---|---|---|---|---|---|"]
     for kind, name in names.items():
+        if kind not in r:
+            continue
         m = r[kind]
         lines.append(f"| {name} | {m['peak_mb'] / 1024:.3f} | {m['baseline_mb'] / 1024:.3f} | "
                      f"{m['peak_mb'] / 1024 / gb:.2f}x | {(m['peak_mb'] - m['baseline_mb']) / 1024 / gb:.2f}x | "
                      f"{m.get('load_seconds', m.get('seconds')):.1f} |")
     lines.append("")
     for kind in ("mesh", "fsdp"):
-        m, c = r[kind], r[f"{kind}_vs_one"]
+        if f"{kind}_vs_one" not in r:
+            continue
+        m, c, one = r[kind], r[f"{kind}_vs_one"], r["load"]
         per_device = sorted(m["bytes_per_device"].values())
         sharded = r["checkpoint_bytes"] - m["replicated_bytes"]
         lines.append(
@@ -264,7 +275,9 @@ def report(r: dict) -> str:
             f"replicated = {(sharded / 8 + m['replicated_bytes']) / 2**20:.1f} MiB; replicated "
             f"{m['replicated_bytes'] / 2**20:.1f} MiB). (c) forward: {m['forward_seconds']:.2f} s "
             f"(first call, with compile, {m['first_forward_seconds']:.1f} s) against 1 device "
-            f"{r['load']['forward_seconds']:.2f} s; finite: {c['finite']}; probe mass max |Δ| "
+            f"{one['forward_seconds']:.2f} s (first {one['first_forward_seconds']:.1f} s); peak RSS with the "
+            f"forward {m['peak_after_forward_mb'] / 1024:.3f} GiB (1 device {one['peak_after_forward_mb'] / 1024:.3f} "
+            f"GiB); finite: {c['finite']}; probe mass max |Δ| "
             f"{c['max_abs']['visual/mass']:.1e}, last-token logits max |Δ| {c['max_abs']['logits']:.1e} "
             f"(|logits| up to {c['logit_scale']:.1f}), KL {c['last_token_kl']:.1e}, same top-1: {c['top1_same']}.")
     return "\n".join(lines)
@@ -277,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="where the checkpoint goes (default: a temp dir, deleted)")
     parser.add_argument("--out", default=None, help="append the results to this markdown file")
     parser.add_argument("--json", default=None, help="write the raw results here")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the measurements to run")
+    parser.add_argument("--forwards", type=int, default=2, help="probed forwards per load (the first compiles)")
     parser.add_argument("--measure", nargs=4, metavar=("KIND", "PATH", "SAVE", "FORWARDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -286,7 +301,7 @@ def main(argv=None) -> int:
     shape = {k: getattr(args, k) for k in LLAVA_7B}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vlmjax-scale-"))
     try:
-        results = run(shape, workdir)
+        results = run(shape, workdir, args.kinds, args.forwards)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

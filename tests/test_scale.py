@@ -1,8 +1,8 @@
 """benchmarks/scale.py scaled down: a LLaVA-1.5-7B-shaped checkpoint (vocabulary 32064, CLIP ViT-L/14-336) with 2
 decoder layers of width 512 and 1 vision layer, written tensor by tensor, then (a) loaded to one device (and a
 26-layer one, for the memory slope), (b) loaded into a (data 2, model 4) mesh of 8 simulated devices with
-FSDP_RULES, (c) the probed 616-token forward on both. Each in a fresh process; memory is asserted against the
-checkpoints' bytes."""
+FSDP_RULES, (c) the probed 616-token forward on both, (d) `vlmjax convert` of both checkpoints. Each in a fresh
+process; memory is asserted against the checkpoints' bytes."""
 
 import json
 import subprocess
@@ -34,7 +34,7 @@ def _measure(runs: dict) -> dict:
 
 
 @pytest.mark.slow  # about a minute alone, several on a busy 2-core machine
-def test_scaled_down_7b_shape_loads_within_memory_and_shards_forward(tmp_path):
+def test_scaled_down_7b_shape_loads_and_converts_within_memory_and_shards_forward(tmp_path):
     total = scale.write_checkpoint(tmp_path / "hf", shard_bytes=64 << 20, **SHAPE)
     deeper = scale.write_checkpoint(tmp_path / "deeper", **DEEPER)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
@@ -45,7 +45,9 @@ def test_scaled_down_7b_shape_loads_within_memory_and_shards_forward(tmp_path):
 
     results = _measure({"one": ("load", tmp_path / "hf", tmp_path / "one.npz", 1),
                         "deeper": ("load", tmp_path / "deeper", tmp_path / "deeper.npz", 0),
-                        "mesh": ("fsdp", tmp_path / "hf", tmp_path / "mesh.npz", 1)})
+                        "mesh": ("fsdp", tmp_path / "hf", tmp_path / "mesh.npz", 1),
+                        "convert": ("convert", tmp_path / "hf", tmp_path / "converted", 0),
+                        "convert deeper": ("convert", tmp_path / "deeper", tmp_path / "converted deeper", 0)})
     one, mesh = results["one"], results["mesh"]
     # (a) Host memory grows with the checkpoint at <= 1.2x its bytes. The difference of two loads whose
     # checkpoints differ only in depth cancels the fixed costs (compiles, one in-flight tensor), which at this
@@ -53,6 +55,9 @@ def test_scaled_down_7b_shape_loads_within_memory_and_shards_forward(tmp_path):
     above = lambda r: (r["peak_mb"] - r["baseline_mb"]) * 2**20
     assert above(results["deeper"]) - above(one) <= 1.2 * (deeper - total), (above(results["deeper"]), above(one))
     assert list(one["bytes_per_device"].values()) == [total]
+    # (d) so does `vlmjax convert`'s: the save writes the loaded arrays without a second host copy.
+    assert above(results["convert deeper"]) - above(results["convert"]) <= 1.2 * (deeper - total), (
+        above(results["convert deeper"]), above(results["convert"]))
     # (b) FSDP_RULES: each of the 8 devices holds 1/8 of the sharded parameters plus the replicated ones.
     per_device = mesh["bytes_per_device"]
     assert len(per_device) == 8
