@@ -253,6 +253,17 @@ def compare_to_random(plain: np.ndarray, top: np.ndarray, random: np.ndarray, se
             "top_vs_random_p": paired_permutation_test(top, random.mean(1), seed=seed)[1]}
 
 
+def swept_answers(model, sweep, values, scorer: AnswerScorer):
+    """A `run_phase` step that answers each question of a batch under every value of a compiled `make_sweep`:
+    one record per question whose lists run over the values (first-token scores at the prompt's last position)."""
+    def step(chunk, inputs, _):
+        logits = np.asarray(sweep(model.params, model.prepare(inputs)[0], values)["logits"])[:, :, -1]
+        scores = scorer(logits, chunk)
+        return [score_rows(scores, i) for i in range(len(chunk))]
+
+    return step
+
+
 def score_rows(scores: dict[str, np.ndarray], index) -> dict:
     """One question's scores (index into the batch axis, the last one) as JSON-ready lists or floats."""
     row = {key: value[..., index] for key, value in scores.items()}

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from experiments.common import (LAST_QUERY, VISUAL_TOKENS, AnswerScorer, accuracy_by_group, figure, log_curves,
-                                main_with_config, run_phase, save_figure, score_rows, setup)
+                                main_with_config, run_phase, save_figure, score_rows, setup,
+                                swept_answers)
 from vlmjax import interventions as iv
 from vlmjax.eval.batches import prompt_texts
 from vlmjax.eval.stats import bootstrap_ci, bootstrap_differences, mcnemar, paired_permutation_test
@@ -72,13 +73,8 @@ def run(config: dict) -> dict:
     knockouts = np.concatenate([np.zeros((1, num_layers), bool), np.eye(num_layers, dtype=bool)])  # row 0: none
     masking = make_sweep(model, lambda onehot: {"ko": iv.ZeroVisualStates(onehot)}, first_layer=0, chunk=1)
 
-    def mask_layers(chunk, inputs, _):
-        logits = np.asarray(masking(model.params, model.prepare(inputs)[0], knockouts)["logits"])[:, :, -1]
-        scores = scorer(logits, chunk)
-        return [score_rows(scores, i) for i in range(len(chunk))]
-
     masked = run_phase(model, out / "records_masking.jsonl", processor, questions, config["batch_size"],
-                       "layer-wise masking", mask_layers)
+                       "layer-wise masking", swept_answers(model, masking, knockouts, scorer))
     correct = np.array([r["correct"] for r in masked])  # [Q, 1 + L]
     tests = [mcnemar(correct[:, 0], correct[:, 1 + layer]) for layer in range(num_layers)]
     drops = bootstrap_differences(correct[:, 0], correct[:, 1:].T, seed=0)

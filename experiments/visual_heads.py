@@ -33,7 +33,7 @@ from PIL import Image
 
 import vlmjax
 from experiments.common import (VISUAL_TOKENS, AnswerScorer, accuracy_by_group, compare_to_random, figure, log_curves,
-                                main_with_config, run_phase, save_figure, score_rows, setup)
+                                main_with_config, run_phase, save_figure, setup, swept_answers)
 from vlmjax import fingerprint
 from vlmjax import interventions as iv
 from vlmjax.errors import VlmJaxError
@@ -161,13 +161,8 @@ def run(config: dict) -> dict:
     masking = make_sweep(model, lambda keep: {"heads": iv.HeadMask(keep, config["mask_mode"])}, first_layer=0,
                          chunk=1)
 
-    def mask_heads(chunk, inputs, _):
-        logits = np.asarray(masking(model.params, model.prepare(inputs)[0], keeps)["logits"])[:, :, -1]
-        scores_k = scorer(logits, chunk)
-        return [score_rows(scores_k, i) for i in range(len(chunk))]
-
     masked = run_phase(model, out / "records_masking.jsonl", processor, masked_questions, config["batch_size"],
-                       "head masking", mask_heads)
+                       "head masking", swept_answers(model, masking, keeps, scorer))
     correct = np.array([r["correct"] for r in masked])  # [Q, K]
     summary = summarise(config, questions, heads, scores, masked, correct, described)
     summary["model_comparison"] = not_run or compare_models(model, other, config, questions, summary, out)
