@@ -187,13 +187,15 @@ def attention(q, k, v, mask_add, site, scale: float, logit_cap: float | None = N
     if kv_heads != heads:
         k = jnp.repeat(k, heads // kv_heads, axis=2)
         v = jnp.repeat(v, heads // kv_heads, axis=2)
-    scores = softcap(jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(scale, q.dtype), logit_cap)
+    # Heads-major [B, H, N, hd] operands: on XLA:CPU this attention runs ~20% faster than on [B, N, H, hd] ones.
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    scores = softcap(jnp.einsum("bhqd,bhkd->bhqk", q, k) * jnp.asarray(scale, q.dtype), logit_cap)
     if mask_add is not None:
         scores = scores + mask_add
     scores = site("attn.scores", scores)
     pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     pattern = site("attn.pattern", pattern)
-    z = jnp.einsum("bhqk,bkhd->bqhd", pattern, v)
+    z = jnp.einsum("bhqk,bhkd->bhqd", pattern, v).transpose(0, 2, 1, 3)
     return site("attn.z", z)
 
 
