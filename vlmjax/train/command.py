@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from typing import Sequence
 
 from vlmjax.train.presets import FAMILIES, PRESETS, TASKS, TrainConfig
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "vision_heads": "attention heads of the vision tower (default: --heads)",
         "checkpoint_every": "optimiser steps between orbax checkpoints (a rerun into the same --out resumes)",
     }
+    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         flag, help_text = "--" + field.name.replace("_", "-"), field_help[field.name] + " (default: the preset's)"
         if field.name == "tasks":
@@ -59,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         elif isinstance(field.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = {"vision_heads": int, "init_from": str}.get(field.name, type(field.default))  # default None
-            parser.add_argument(flag, type=kind, help=help_text)
+            kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)] or [hints[field.name]]
+            parser.add_argument(flag, type=kinds[0], help=help_text)  # `int | None` fields parse as int
     args = vars(parser.parse_args(argv))
     out, preset = args.pop("out"), PRESETS[args.pop("preset")]
     if args["tasks"] is not None:
