@@ -87,9 +87,9 @@ def run(config: dict) -> dict:
         soft_mask = lambda suppress: {"soft": iv.ScaleVisualStates(jnp.asarray(suppress), scale, review_flags)}
     refined = None
     if soft_mask is not None:
-        maps_fn = jax.jit(lambda params, batch: model.forward(params, batch, {"maps": LastQueryVisualMap()},
+        maps_fn = model.jit(lambda params, batch: model.forward(params, batch, {"maps": LastQueryVisualMap()},
                                                               logits=None)["hooks"]["maps"]["attn.pattern"])
-        refined_fn = jax.jit(lambda params, batch, mask: model.forward(
+        refined_fn = model.jit(lambda params, batch, mask: model.forward(
             params, batch, soft_mask(mask), logits="last")["logits"][:, -1])
 
         def refine(chunk, inputs, _):

@@ -107,7 +107,7 @@ def run(config: dict) -> dict:
     flags = jnp.asarray(iv.layer_flags(num_layers, zone), jnp.float32)
     sweep = make_sweep(model, lambda b: {"viar": iv.AttentionBias(b * flags, columns)}, first_layer=zone[0], chunk=1)
     hooks = {"visual": probes.VisualAttention(), "collapse": probes.ResidualUpdateCosine()}
-    profile = jax.jit(lambda params, batch: model.forward(params, batch, hooks, logits=None)["hooks"])
+    profile = model.jit(lambda params, batch: model.forward(params, batch, hooks, logits=None)["hooks"])
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     scorer = AnswerScorer(processor.tokenizer, questions)
 

@@ -148,8 +148,8 @@ def run(config: dict) -> dict:
     scorer = AnswerScorer(processor.tokenizer, questions)
     map_layer = config["map_layer"] if config["map_layer"] is not None else num_layers // 2
     hooks = {"hidden": HiddenStates(), "maps": LastQueryVisualMap()}
-    measure_fn = jax.jit(lambda params, batch: model.forward(params, batch, hooks, logits="last"))
-    masked_fn = jax.jit(lambda params, batch, hook: model.forward(params, batch, {"remove": hook}, logits="last"))
+    measure_fn = model.jit(lambda params, batch: model.forward(params, batch, hooks, logits="last"))
+    masked_fn = model.jit(lambda params, batch, hook: model.forward(params, batch, {"remove": hook}, logits="last"))
 
     def measure(chunk, inputs, _):
         batch, meta = model.prepare(inputs)
@@ -201,7 +201,7 @@ def ablate(model, processor, questions, out, config, scorer, probes, hidden, cor
     aurocs = np.array([p["auroc"] for p in probes])
     best = int(np.nanargmax(aurocs)) if not np.isnan(aurocs).all() else 0
     capture = HiddenStates(site="mlp.hidden", only_layers=(best,))
-    capture_fn = jax.jit(lambda params, batch: model.forward(params, batch, {"mlp": capture}, stop_layer=best + 1,
+    capture_fn = model.jit(lambda params, batch: model.forward(params, batch, {"mlp": capture}, stop_layer=best + 1,
                                                              logits=None)["hooks"]["mlp"]["mlp.hidden"])
 
     def neurons(chunk, inputs, _):

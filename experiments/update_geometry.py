@@ -79,7 +79,7 @@ def run(config: dict) -> dict:
         measures = {**geometry, **(rope if name == "plain" else {})}
         hooks_for = lambda key, name=name, measures=measures: collections.OrderedDict(
             {**condition_hooks(name, model, key), **measures})
-        forward = jax.jit(lambda params, batch, hooks: _measure(model, params, batch, hooks))
+        forward = model.jit(lambda params, batch, hooks: _measure(model, params, batch, hooks))
 
         def measure(chunk, inputs, repeat, hooks_for=hooks_for, forward=forward):
             key = jax.random.fold_in(jax.random.fold_in(base_key, repeat), chunk[0].question_id)

@@ -108,7 +108,7 @@ def head_statistics(model, processor, questions, path: Path, batch_size: int, de
     box), and the logit-lens rank [L] of the model's answer token, all at the QUERY."""
     eps = model.config.text.rms_norm_eps
 
-    @jax.jit
+    @model.jit
     def measure(params, batch, region):
         answer = model.forward(params, batch, {}, logits="last")["logits"][:, -1].argmax(-1)
         text = params["text"]

@@ -60,10 +60,10 @@ def test_one_compile_for_new_prompts_of_the_same_shape(setup):
     _, inputs, model = setup
     feed = {k: v.numpy() for k, v in inputs.items()}
     gen.generate(model, feed, 6)
-    before = gen._generate._cache_size()
+    before = gen._generate.compiled(model)._cache_size()
     other = dict(feed, pixel_values=feed["pixel_values"][::-1].copy())
     gen.generate(model, other, 6)
-    assert gen._generate._cache_size() == before
+    assert gen._generate.compiled(model)._cache_size() == before
 
 
 def test_vcd_contrastive_decoding(setup):

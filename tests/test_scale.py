@@ -69,3 +69,32 @@ def test_scaled_down_7b_shape_loads_and_converts_within_memory_and_shards_forwar
     assert compared["max_abs"]["visual/mass"] <= BF16_EPS
     assert compared["max_abs"]["logits"] <= 4 * BF16_EPS * compared["logit_scale"]
     assert compared["last_token_kl"] <= 1e-3
+
+
+
+def _forward_temp_bytes(layers: int, dtype) -> int:
+    """XLA's temporary buffer bytes of the compiled 616-token forward (`model.jit`) of the SHAPE model with `layers`
+    decoder layers in `dtype`, compiled from abstract parameters (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from converters.hf import expected_shapes, unflatten
+    from vlmjax import VLM, models
+
+    hf_config = scale.hf_config(**dict(SHAPE, layers=layers))
+    cfg = models.from_hf(hf_config)
+    params = unflatten({p: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for p, s in expected_shapes(cfg).items()})
+    model = VLM(cfg, params, hf_config)
+    batch, _ = model.prepare(scale.question_inputs())
+    run = model.jit(lambda p, b: model.forward(p, b, {}, logits="last")["logits"])
+    return run.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_bf16_forward_memory_does_not_grow_with_depth_on_cpu():
+    """XLA:CPU computes bf16 in f32, and its while-loop invariant code motion converted every layer's stacked
+    weights to f32 before the layer scan: the forward's temporary memory grew by 2x the extra layers' bf16 bytes
+    (a 7B bf16 forward needed ~40 GiB). `model.jit` compiles a bf16 model on CPU without that pass."""
+    extra_layer_bytes = 8 * 2 * (4 * 512 * 512 + 3 * 512 * 1376)  # 8 more layers' q, k, v, o, gate, up, down in bf16
+    growth = _forward_temp_bytes(10, "bfloat16") - _forward_temp_bytes(2, "bfloat16")
+    assert growth <= 0.05 * extra_layer_bytes, (growth, extra_layer_bytes)
+    assert _forward_temp_bytes(10, "float32") == _forward_temp_bytes(2, "float32")

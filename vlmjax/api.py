@@ -59,6 +59,24 @@ class VLM:
         return jax.tree.leaves(self.params)[0].dtype
 
     @property
+    def compiler_options(self) -> dict[str, str]:
+        """XLA options of this model's compiled functions (`jit`). On the CPU backend with 16-bit float parameters,
+        XLA's while-loop invariant code motion is off: XLA:CPU computes bf16 in f32, and that pass would convert
+        every layer's stacked weights to f32 before the layer scan (2x the model's bytes at once: a 7B bf16
+        forward then needs ~40 GiB instead of ~16). Elsewhere none."""
+        leaf = jax.tree.leaves(self.params)[0]
+        half = jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype.itemsize == 2
+        platforms = {d.platform for d in leaf.devices()} if callable(getattr(leaf, "devices", None)) else {
+            jax.default_backend()}  # abstract parameters (jax.ShapeDtypeStruct) compile for the default backend
+        on_cpu = platforms == {"cpu"}
+        return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if half and on_cpu else {}
+
+    def jit(self, fn, **jit_kwargs):
+        """`jax.jit(fn, **jit_kwargs)` with this model's `compiler_options`: use it for your own functions of
+        `model.forward` (a bf16 model on CPU needs them to fit in memory; elsewhere it is plain `jax.jit`)."""
+        return jax.jit(fn, compiler_options=self.compiler_options or None, **jit_kwargs)
+
+    @property
     def num_layers(self) -> dict[str, int]:
         return self.module.num_layers(self.config)
 
@@ -74,12 +92,11 @@ class VLM:
     # -- forward ------------------------------------------------------------------------------------------------
     @functools.cached_property
     def _jitted(self):
-        @functools.partial(jax.jit, static_argnames=("output_hidden_states", "output_attentions", "logits"))
         def run(params, batch, hooks, output_hidden_states, output_attentions, logits):
             return vlm.forward(params, batch, self.config, hooks, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions, logits=logits)
 
-        return run
+        return self.jit(run, static_argnames=("output_hidden_states", "output_attentions", "logits"))
 
     def forward(self, params, batch, hooks=None, **options):
         """The pure forward of this model's family with its config bound (use inside your own jit / vmap / grad):
@@ -110,6 +127,27 @@ class VLM:
         out = ModelOutput(out)
         out["visual"] = meta
         return out
+
+
+def jit_per_model(**jit_kwargs):
+    """Decorator for a library function `fn(model, *args, **kwargs)`: jitted once per model by `model.jit` (with the
+    model's compiler options), the model bound rather than traced; `jit_kwargs` name `fn`'s other arguments."""
+    def wrap(fn):
+        def compiled(model):
+            """The jitted function of `model` (e.g. `compiled(model)._cache_size()`, how often it compiled)."""
+            cache = model.__dict__.setdefault("_jit_per_model", {})
+            if fn not in cache:
+                cache[fn] = model.jit(functools.partial(fn, model), **jit_kwargs)
+            return cache[fn]
+
+        @functools.wraps(fn)
+        def call(model, *args, **kwargs):
+            return compiled(model)(*args, **kwargs)
+
+        call.compiled = compiled
+        return call
+
+    return wrap
 
 
 def load(path: str | os.PathLike, dtype=None, progress: bool = True, mesh=None, rules=None) -> VLM:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax import dola
-from vlmjax.api import ordered
+from vlmjax.api import jit_per_model, ordered
 from vlmjax.checks import check_hooks
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Capture, Hook
@@ -68,7 +68,7 @@ def contrastive_logits(real, distorted, alpha, beta):
     return jnp.where(real < cutoff, -jnp.inf, (1 + alpha) * real - alpha * distorted)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "do_sample", "temperature", "top_p",
+@jit_per_model(static_argnames=("max_new_tokens", "do_sample", "temperature", "top_p",
                                              "contrastive", "dola_layers", "dola_trace"))
 def _generate(model, params, batch, position, hooks, key, eos, pad, max_new_tokens, do_sample, temperature, top_p,
               contrastive=False, alpha=1.0, beta=0.1, dola_layers=None, dola_trace=False):

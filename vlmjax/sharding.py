@@ -133,7 +133,7 @@ def sharded_forward(model, mesh: Mesh, rules=DEFAULT_RULES, **options):
     """(run, params): `run(batch, hooks)` is the model's forward jitted over the mesh with sharded params."""
     params = shard_params(model.params, mesh, rules)
 
-    @jax.jit
+    @model.jit
     def _run(params, batch, hooks):
         return model.forward(params, batch, hooks, **options)
 

@@ -48,7 +48,7 @@ def make_sweep(model, hooks_for: Callable[[jax.Array], Mapping[str, Hook]], *, f
         raise VlmJaxError(f"first_layer must be in [0, {num_layers}), got {first_layer}.")
     shared = ordered(shared_hooks)
 
-    @jax.jit
+    @model.jit
     def run(params, batch, values):
         prefix = model.forward(params, batch, shared, stop_layer=first_layer, logits=None)
 

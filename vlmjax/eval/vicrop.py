@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from vlmjax.api import jit_per_model
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.run import DEFAULT_PROMPT
 from vlmjax.generate import generate
@@ -62,7 +63,7 @@ def crop_box(grid: np.ndarray, covered: tuple[float, float, float, float],
             int(np.ceil(x0 + (col + size) * cell_w)), int(np.ceil(y0 + (row + size) * cell_h)))
 
 
-@functools.partial(jax.jit, static_argnames="model")
+@jit_per_model()
 def attention_maps(model, params, batch):
     """Every layer's last-query visual map [L, B, N]; pass `model.module.decode_start(batch)[0]` (generate's prefill
     positions), so the map is the attention that produced the first answer token."""

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax.api import jit_per_model
 from vlmjax.errors import VlmJaxError
 from vlmjax.hooks import Hook
 from vlmjax.metrics import gather_positions
@@ -31,7 +32,7 @@ class ResidualProbe(Hook):
         return value + self.delta.astype(value.dtype), None
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit_per_model()
 def _target_logit_gradients(model, params, batch, target_ids, query_index):
     b, n = batch["input_ids"].shape
     d = model.config.text.hidden_size
