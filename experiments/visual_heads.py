@@ -32,9 +32,11 @@ import numpy as np
 from PIL import Image
 
 import vlmjax
+from converters.hf import read_hf_config
 from experiments.common import (VISUAL_TOKENS, AnswerScorer, accuracy_by_group, compare_to_random, figure, log_curves,
                                 main_with_config, run_phase, save_figure, setup, swept_answers)
-from vlmjax import fingerprint
+from vlmjax import fingerprint, models
+from vlmjax.builtin import resolve as resolve_builtin
 from vlmjax import interventions as iv
 from vlmjax.errors import VlmJaxError
 from vlmjax.eval.stats import pearson
@@ -227,12 +229,14 @@ def load_compare_model(config: dict, model, out: Path):
         return None, {"not_run": "no compare_model in the config (a second model's path or builtin:NAME, with the "
                                  "same layers and heads, e.g. builtin:llava-shapes-deep-variant, the organism "
                                  "fine-tuned further)"}
-    other = vlmjax.load(other_path, progress=False)
-    grid, other_grid = ((m.num_layers["blocks"], m.config.text.num_heads) for m in (model, other))
+    other_cfg = models.from_hf(read_hf_config(resolve_builtin(other_path)))  # its grid, before any weight is read
+    grid = (model.num_layers["blocks"], model.config.text.num_heads)
+    other_grid = (models.family(other_cfg.model_type).num_layers(other_cfg)["blocks"], other_cfg.text.num_heads)
     if other_grid != grid:
         return None, {"compare_model": other_path, "not_run": f"its head grid is {other_grid[0]} layers x "
                       f"{other_grid[1]} heads, this model's {grid[0]} x {grid[1]}: a correlation over heads needs "
                       "the same grid"}
+    other = vlmjax.load(other_path, progress=False)
     records = out / COMPARE_RECORDS
     fingerprint.claim(fingerprint.sidecar(records), {"model": fingerprint.of_model(other)}, records.is_file(),
                       f"The compare_model records {records}")

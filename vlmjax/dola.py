@@ -11,6 +11,7 @@ argmax of the contrast `log q_N - log q_M` over the plausible tokens, those with
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ RELATIVE_TOP = 0.1  # the paper's alpha: tokens below 0.1 x the most probable on
 
 class LastResidual(Hook):
     """resid_post at the last position, [B, D], at `only_layers` only (records stack over them, increasing)."""
+
+    query_blocks: ClassVar[bool] = True
 
     only_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
 

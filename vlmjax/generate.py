@@ -12,6 +12,7 @@ LLaVA-style models, the rope index plus `rope_deltas` for Qwen2-VL's M-RoPE).
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,8 @@ _DOLA = "_dola_candidates"
 
 class KVCache(Hook):
     """Per-layer key/value cache [L, B, S, KVH, hd]; writes this step's keys/values at `index`."""
+
+    query_blocks: ClassVar[bool] = True
 
     k: jax.Array
     v: jax.Array

@@ -87,17 +87,62 @@ class Context:
     key_padding: Any = None  # [B, N] bool: real (non-padding) tokens
     layer: Any = None  # scalar int32, the layer index (None at global sites)
     earlier: Any = None  # {site: value} of the sites already run in this block (after their hooks), e.g. resid_pre
+    # first query row of the block of rows a hook sees at attn.scores / attn.pattern when attention runs in query
+    # blocks (traced int32; None: every row). `query_rows` slices a per-token [B, N] array to the block's rows.
+    query_start: Any = None
 
 
 class Hook(struct.PyTreeNode):
     """Base class of interventions, metrics and captures. Subclasses implement `__call__`."""
 
     per_layer: ClassVar[tuple[str, ...]] = ()  # fields with a leading [num_layers] axis, sliced by the layer scan
+    # True when the hook acts at attn.scores / attn.pattern the same on any block of query rows (reading per-query
+    # data through `query_rows`) and records nothing there but through `AttentionRowProbe`, and reads neither site
+    # from ctx.earlier. Attention then runs in query blocks (models/layers.py); one hook without it on the stack
+    # makes the layer compute the whole [B, H, Nq, Nk] pattern, as a hook may need.
+    query_blocks: ClassVar[bool] = False
     stack: ClassVar[str] = "blocks"  # which layer stack `per_layer` fields index
     only_layers: ClassVar[tuple[int, ...] | None] = None  # run only at these layers (a subclass may make it a field)
 
     def __call__(self, site: str, value, ctx: Context) -> tuple[Any, Any]:
         return value, None
+
+
+ATTENTION_SITES = ("attn.scores", "attn.pattern")  # [B, H, Nq, Nk]: the token axis of a query is 2
+
+
+def query_rows(ctx: Context, per_token: jax.Array, num_rows: int) -> jax.Array:
+    """A per-token [B, N, ...] array restricted to the query rows an attention-site value holds: all of them, or
+    the `num_rows` rows of the query block starting at `ctx.query_start` (rows past N, padding, read 0)."""
+    if ctx.query_start is None:
+        return per_token
+    padded = jnp.pad(per_token, ((0, 0), (0, num_rows)) + ((0, 0),) * (per_token.ndim - 2))
+    return jax.lax.dynamic_slice_in_dim(padded, ctx.query_start, num_rows, axis=1)
+
+
+class AttentionRowProbe(Hook):
+    """A probe whose record at attn.pattern depends on the pattern only through a few weighted sums of its query
+    rows: `query_weights(ctx)` gives weightings [B, N] of the queries (e.g. a query set's mean), the rows
+    `sum_i w[b, i] A[b, h, i, :]` ([B, H, 1, Nk] each, in fp32) go to `from_rows(rows, ctx)`. Attention run in
+    query blocks sums each block's part of the rows, so such a probe never needs a layer's whole pattern."""
+
+    query_blocks: ClassVar[bool] = True
+
+    def query_weights(self, ctx: Context) -> tuple[jax.Array, ...]:
+        raise NotImplementedError
+
+    def from_rows(self, rows: tuple[jax.Array, ...], ctx: Context):
+        raise NotImplementedError
+
+    def rows(self, value: jax.Array, ctx: Context) -> tuple[jax.Array, ...]:
+        """The weighted rows of the query rows in `value` (all of them, or one block's part)."""
+        weights = (query_rows(ctx, w.astype(jnp.float32), value.shape[2]) for w in self.query_weights(ctx))
+        return tuple(jnp.sum(value.astype(jnp.float32) * w[:, None, :, None], axis=2, keepdims=True) for w in weights)
+
+    def __call__(self, site, value, ctx):
+        if site != "attn.pattern":
+            return value, None
+        return value, self.from_rows(self.rows(value, ctx), ctx)
 
 
 class Capture(Hook):
@@ -106,6 +151,10 @@ class Capture(Hook):
 
     sites: frozenset = struct.field(pytree_node=False, default=frozenset())
     only_layers: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def query_blocks(self) -> bool:
+        return not self.sites & set(ATTENTION_SITES)
 
     def __call__(self, site, value, ctx):
         return (value, value) if site in self.sites else (value, None)
@@ -136,11 +185,35 @@ class SiteRunner:
         for name, hook in self.hooks.items():
             if in_block and hook.stack != self.ctx.stack:
                 continue
-            value, record = hook(site, value, self.ctx)
+            if self.ctx.query_start is not None and isinstance(hook, AttentionRowProbe) and site == "attn.pattern":
+                record = hook.rows(value, self.ctx)  # this block's part of the rows (see `query_block`)
+            else:
+                value, record = hook(site, value, self.ctx)
             if record is not None:
+                if self.ctx.query_start is not None and not isinstance(hook, AttentionRowProbe):
+                    raise VlmJaxError(f"Hook {name!r} ({type(hook).__name__}) says query_blocks = True but records "
+                                      f"at {site}; a record there needs the whole pattern: set query_blocks = "
+                                      "False, or make it an AttentionRowProbe.")
                 self.records.setdefault(name, {})[site] = record
         self.ctx = self.ctx.replace(earlier={**self.ctx.earlier, site: value})
         return value
+
+    def query_blocks(self) -> bool:
+        """Whether this block's attention may run in query blocks: every hook on its stack allows it."""
+        return all(hook.query_blocks for hook in self.hooks.values() if hook.stack == self.ctx.stack)
+
+    def query_block(self, start) -> "SiteRunner":
+        """A runner for the attention sites of one block of query rows from `start`: the same hooks, an
+        AttentionRowProbe recording its part of the rows (summed over the blocks by `finish_query_blocks`)."""
+        runner = SiteRunner(self.hooks, self.ctx.replace(query_start=start))
+        runner.ctx = runner.ctx.replace(earlier=self.ctx.earlier)
+        return runner
+
+    def finish_query_blocks(self, block_records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Keep the row probes' records from their rows stacked over the query blocks [blocks, ...]."""
+        for name, sites in block_records.items():
+            rows = jax.tree.map(lambda r: r.sum(0), sites["attn.pattern"])
+            self.records.setdefault(name, {})["attn.pattern"] = self.hooks[name].from_rows(rows, self.ctx)
 
     def add_records(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         """Keep the records of a layer scan (or another runner) with this runner's: {hook name: {site: record}}."""

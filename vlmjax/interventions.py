@@ -15,7 +15,7 @@ a score below finfo.min / 2 is one the mask (or an earlier hook) ruled out; bloc
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,9 @@ import numpy as np
 from flax import struct
 
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import BLOCK_SITES, Hook
+from vlmjax.hooks import ATTENTION_SITES, BLOCK_SITES, Hook, query_rows
 from vlmjax.metrics import grid_to_visual_map, top_fraction_mask, visual_map_to_grid
 
-ATTENTION_SITES = ("attn.scores", "attn.pattern")  # [B, H, Nq, Nk]: the token axis of a query is 2
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
 QKV_SITES = ("attn.q", "attn.k", "attn.v")
 
@@ -112,6 +111,7 @@ class AttentionBias(Intervention):
     original VIAR code did with K = 576; use only to reproduce a published number. Site: attn.scores."""
 
     per_layer = ("bias",)
+    query_blocks: ClassVar[bool] = True
     bias: Any  # [L] float, 0 where the layer is untouched
     first_columns: int | None = struct.field(pytree_node=False, default=None)
 
@@ -140,6 +140,7 @@ class BlockTextToVisual(Intervention):
     keys are set to finfo.min. Site: attn.scores."""
 
     per_layer = ("active",)
+    query_blocks: ClassVar[bool] = True
     active: Any  # [L] bool
 
     @classmethod
@@ -149,7 +150,8 @@ class BlockTextToVisual(Intervention):
     def __call__(self, site, value, ctx):
         if site != "attn.scores":
             return value, None
-        blocked = self.active & ~ctx.visual_mask[:, None, :, None] & ctx.visual_mask[:, None, None, :]
+        visual_queries = query_rows(ctx, ctx.visual_mask, value.shape[2])
+        blocked = self.active & ~visual_queries[:, None, :, None] & ctx.visual_mask[:, None, None, :]
         return jnp.where(blocked, _blocked(value), value), None
 
     def validate(self, meta, name):
@@ -161,6 +163,7 @@ class RemoveVisualTokens(Intervention):
     to finfo.min for every query, so no token reads from them. Site: attn.scores."""
 
     per_layer = ("active",)
+    query_blocks: ClassVar[bool] = True
     token_mask: Any  # [B, N] bool, the visual tokens to remove
     active: Any  # [L] bool
 
@@ -202,6 +205,7 @@ class HeadMask(Intervention):
     mode "zero_output": the head's mixed values are zeroed. Site: attn.z."""
 
     per_layer = ("keep",)
+    query_blocks: ClassVar[bool] = True
     keep: Any  # [L, H] float
     mode: str = struct.field(pytree_node=False, default="uniform")
 
@@ -237,6 +241,7 @@ class ZeroVisualStates(Intervention):
     active layer (usually one). Site: resid_pre."""
 
     per_layer = ("active",)
+    query_blocks: ClassVar[bool] = True
     active: Any  # [L] bool
 
     @classmethod
@@ -257,6 +262,7 @@ class ScaleVisualStates(Intervention):
     active layer (the review layer in the paper; scale 0.5 by default [inferred]). Site: resid_pre."""
 
     per_layer = ("active",)
+    query_blocks: ClassVar[bool] = True
     token_mask: Any  # [B, N] bool
     scale: Any  # scalar float
     active: Any  # [L] bool
@@ -286,6 +292,7 @@ class NeuronAblation(Intervention):
     Sites: mlp.hidden (MLP neurons, W = intermediate size) or a residual site (residual dims, W = hidden size)."""
 
     per_layer = ("keep", "replacement")
+    query_blocks: ClassVar[bool] = True
     keep: Any  # [L, W] float
     replacement: Any  # [L, W] float
     site: str = struct.field(pytree_node=False, default="mlp.hidden")
@@ -332,6 +339,10 @@ class ActivationPatch(Intervention):
     positions: Any  # [B, N] bool
     active: Any  # [L] bool
     site: str = struct.field(pytree_node=False, default="resid_post")
+
+    @property
+    def query_blocks(self) -> bool:
+        return self.site not in ATTENTION_SITES  # its source holds the whole pattern
 
     @classmethod
     def from_capture(cls, source, layers, positions, site: str = "resid_post"):
@@ -388,6 +399,10 @@ class NoiseAttentionOutput(Intervention):
     active: Any  # [L] bool
     scope: str = struct.field(pytree_node=False, default="all")
 
+    @property
+    def query_blocks(self) -> bool:
+        return self.scope != "visual_keys"  # which reads the whole pattern
+
     @classmethod
     def on_layers(cls, num_layers: int, key, layers=None, scope: str = "all"):
         return cls(key, jnp.asarray(layer_flags(num_layers, layers)), _check_scope(scope))
@@ -432,6 +447,7 @@ class NoiseQKV(Intervention):
     model's size is stored. Sites: attn.q, attn.k, attn.v."""
 
     per_layer = ("std", "q_bias", "k_bias", "v_bias", "active")
+    query_blocks: ClassVar[bool] = True
     key: Any  # a jax.random key
     std: Any  # [L, 3] float: std of W_q, W_k, W_v per layer
     q_bias: Any  # [L, H * hd] (zeros for a model without q/k/v biases)

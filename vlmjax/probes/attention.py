@@ -8,54 +8,54 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Hook
+from vlmjax.hooks import AttentionRowProbe
 from vlmjax.metrics import (block_mean, box_to_token_mask, concentration, head_detection_score, last_query_visual_map,
                             region_mass, visual_fraction, visual_fraction_per_head, visual_mass)
-from vlmjax.probes.token_sets import (first_query, last_position, mean_query_row, one_hot_query, query_index_or_last,
+from vlmjax.probes.token_sets import (first_query, last_position, mean_weights, one_hot_query, query_index_or_last,
                                       text_after_image)
 from vlmjax.visual import QUERY
 
 
-class VisualAttention(Hook):
+class VisualAttention(AttentionRowProbe):
     """methods §1 text-to-visual attention, per layer. Site: attn.pattern. Record (a dict, each [L, ...] after the scan):
     mass [B, H] (`mean_{i in T} sum_{j in V} A[h]`), last_query_mass [B, H] (the same for the last query),
     block_mean [B] (`mean_{h, i in T, j in V} A`, whose mean over the neglect zone is the neglect depth),
     visual_fraction [B] (`m_v / (m_v + m_t)`, heads averaged first) and visual_fraction_per_head [B, H].
-    All are means over T of per-query sums, so they are taken on T's mean attention row (`_mean_query_row`)."""
+    All are means over T of per-query sums, so they are taken on T's mean attention row (an AttentionRowProbe)."""
 
-    def __call__(self, site, value, ctx):
-        if site != "attn.pattern":
-            return value, None
+    def query_weights(self, ctx):
+        text = text_after_image(ctx.visual_mask, ctx.key_padding)
+        return mean_weights(text), mean_weights(one_hot_query(last_position(ctx.key_padding), text.shape[-1]))
+
+    def from_rows(self, rows, ctx):
+        text_row, last_row = rows
         visual = ctx.visual_mask
         text = text_after_image(visual, ctx.key_padding)
-        text_row = mean_query_row(value, text)
-        last_row = mean_query_row(value, one_hot_query(last_position(ctx.key_padding), value.shape[-1]))
         has_text = text.any(-1, keepdims=True)  # the single row stands for T: 0 for an empty T, as over T itself
-        record = {
+        return {
             "mass": visual_mass(text_row, has_text, visual),
             "last_query_mass": visual_mass(last_row, jnp.ones_like(has_text), visual),
             "block_mean": block_mean(text_row, has_text, visual),
             "visual_fraction": visual_fraction(text_row, has_text, visual, text),
             "visual_fraction_per_head": visual_fraction_per_head(text_row, has_text, visual, text),
         }
-        return value, record
 
 
-class LastQueryVisualMap(Hook):
+class LastQueryVisualMap(AttentionRowProbe):
     """methods §2 / §5 attention map: the head-mean attention row of the query (default: the last real token), over the
     visual keys, renormalised to sum 1. Site: attn.pattern. Record [B, N] per layer (0 at non-visual keys)."""
 
     query_index: Any = None  # [B] int, or None for the last real token
 
-    def __call__(self, site, value, ctx):
-        if site != "attn.pattern":
-            return value, None
-        query = one_hot_query(query_index_or_last(self.query_index, ctx), value.shape[-1])
-        row = mean_query_row(value, query)
-        return value, last_query_visual_map(row, first_query(row), ctx.visual_mask)
+    def query_weights(self, ctx):
+        return (one_hot_query(query_index_or_last(self.query_index, ctx), ctx.key_padding.shape[-1]),)
+
+    def from_rows(self, rows, ctx):
+        (row,) = rows
+        return last_query_visual_map(row, first_query(row), ctx.visual_mask)
 
 
-class VisualHeadAttention(Hook):
+class VisualHeadAttention(AttentionRowProbe):
     """methods §4 per-head inputs of the head detection score, at one query per sample (default: the last real token,
     i.e. the answer's query when the answer token is the last one). Site: attn.pattern. Record per layer:
     image_weight [B, H] (`sum_{j in V} A[h, q, j]`), concentration [B, H] (`1 - H(a) / log N_a` over V
@@ -79,18 +79,18 @@ class VisualHeadAttention(Hook):
             raise VlmJaxError(f"Region box: {err}.") from None
         return cls(None if query_index is None else jnp.asarray(query_index, jnp.int32), jnp.asarray(region))
 
-    def __call__(self, site, value, ctx):
-        if site != "attn.pattern":
-            return value, None
-        query = one_hot_query(query_index_or_last(self.query_index, ctx), value.shape[-1])
-        row = mean_query_row(value, query)  # [B, H, 1, Nk]
+    def query_weights(self, ctx):
+        return (one_hot_query(query_index_or_last(self.query_index, ctx), ctx.key_padding.shape[-1]),)
+
+    def from_rows(self, rows, ctx):
+        (row,) = rows  # [B, H, 1, Nk]
         record = {
             "image_weight": region_mass(row, first_query(row), ctx.visual_mask),
             "concentration": concentration(row[:, :, 0, :], ctx.visual_mask),
         }
         if self.region_mask is not None:
             record["region_weight"] = region_mass(row, first_query(row), self.region_mask)
-        return value, record
+        return record
 
 
 def head_detection_scores(record: Mapping[str, jax.Array], layer_weight: Callable | None = None,

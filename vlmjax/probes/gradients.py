@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ from vlmjax.probes.token_sets import last_position
 class ResidualProbe(Hook):
     """Adds `delta[l]` ([B, N, D], zeros) to each layer's output: the gradient of any function of the output with
     respect to delta is its gradient with respect to the layer outputs. Site: resid_post."""
+
+    query_blocks: ClassVar[bool] = True
 
     per_layer = ("delta",)
     delta: Any  # [L, B, N, D]

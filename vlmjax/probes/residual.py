@@ -4,7 +4,7 @@ states at chosen positions, the RoPE baseline; the ranking of units for probe-gu
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import numpy as np
 from flax import struct
 
 from vlmjax.errors import VlmJaxError
-from vlmjax.hooks import Hook
+from vlmjax.hooks import ATTENTION_SITES, Hook
 from vlmjax.metrics import (batched_effective_rank, batched_mix_ig, batched_rid, cosine_of_updates, gather_positions,
                             lens_target_rank_and_prob, lens_top_k)
 from vlmjax.models.decoder import unembed_matrix
@@ -24,6 +24,8 @@ class LogitLens(Hook):
     """methods §1 logit lens: each layer's output (resid_post) at chosen positions read through the final norm and the
     unembedding. Site: resid_post. Record per layer: top_ids [B, P, k] int32, top_probs [B, P, k] and, with target
     ids, target_rank [B, P] (0 = top-1) and target_prob [B, P]. The last layer reproduces the model's own output."""
+
+    query_blocks: ClassVar[bool] = True
 
     final_norm_scale: Any  # [D]
     unembedding: Any  # [D, V]
@@ -64,6 +66,8 @@ class ResidualUpdateCosine(Hook):
     The batch holds the pairs: its first half the real images, its second half the same prompts with null images
     (`paired_inputs`). Site: resid_post (the update against ctx.earlier's resid_pre). Record [B / 2] per layer."""
 
+    query_blocks: ClassVar[bool] = True
+
     def __call__(self, site, value, ctx):
         if site != "resid_post":
             return value, None
@@ -94,6 +98,8 @@ class UpdateGeometry(Hook):
     Sites: resid_mid (attention), resid_post (MLP). Record per site and layer: erank_before, erank_after, rid and
     mix_ig, each [B]. RID's rank is the smallest holding `energy` of X's squared singular values [inferred]."""
 
+    query_blocks: ClassVar[bool] = True
+
     tokens: str = struct.field(pytree_node=False, default="all")
     energy: float = struct.field(pytree_node=False, default=0.99)
 
@@ -119,6 +125,10 @@ class HiddenStates(Hook):
     """A block site's value at chosen positions (default: the last real token) and, with `only_layers`, only at those
     layers, e.g. for linear probes (methods §5). Record [B, P, ...] per recorded layer."""
 
+    @property
+    def query_blocks(self) -> bool:
+        return self.site not in ATTENTION_SITES
+
     positions: Any = None  # [B, P] int, or None for the last real token
     site: str = struct.field(pytree_node=False, default="resid_post")
     only_layers: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
@@ -135,6 +145,8 @@ class RopeBaseline(Hook):
     """methods §3 RoPE baseline eps_RoPE = RID(X with rotary | X without), per layer and sample, X being the keys of all
     heads side by side ([N, KVH * hd], real tokens) [inferred: the methods name no tensor; keys are where rotary acts
     and what attention reads]. Site: attn.rot_k (needs attn.k earlier in the block). Record [B] per layer."""
+
+    query_blocks: ClassVar[bool] = True
 
     energy: float = struct.field(pytree_node=False, default=0.99)
 

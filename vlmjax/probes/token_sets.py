@@ -1,6 +1,6 @@
 """The token sets and queries of methods' notation, per sample from the batch's masks: V (the visual tokens,
 `ctx.visual_mask`), T (`text_after_image`), the last real token (`last_position`), and the single averaged query row
-the attention probes read (`mean_query_row`)."""
+the attention probes read (`mean_weights`)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ def one_hot_query(query_index: jax.Array, n: int) -> jax.Array:
     return query_index[:, None] == jnp.arange(n)[None, :]
 
 
-def mean_query_row(attn: jax.Array, query_mask: jax.Array) -> jax.Array:
-    """[B, H, 1, Nk]: the attention rows of the masked queries averaged (0 for an empty set), as one contraction
-    over the query axis, so the layer's [B, H, N, N] pattern is read once and never copied. Every metric below is
-    linear in the query rows it averages, so it gives the same value on this single row as on the full pattern."""
+def mean_weights(query_mask: jax.Array) -> jax.Array:
+    """[B, N] fp32 weights of a query set's mean (1 / |set| on it, 0 elsewhere; all 0 for an empty set): the
+    weighting of the single averaged query row the attention probes read (`vlmjax.hooks.AttentionRowProbe`). Every
+    metric they take is linear in the query rows it averages, so it gives the same value on this row as on the full
+    pattern."""
     weights = query_mask.astype(jnp.float32)
-    weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1)
-    return jnp.sum(attn.astype(jnp.float32) * weights[:, None, :, None], axis=2, keepdims=True)
+    return weights / jnp.maximum(weights.sum(-1, keepdims=True), 1)
 
 
 def first_query(row: jax.Array) -> jax.Array:
