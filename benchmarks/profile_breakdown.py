@@ -3,7 +3,8 @@
 Each component is jitted on its own and timed (best of `--repeats` after a warm-up): the whole profile (the
 `VisualAttention` probe, no logits), the vision tower to its feature layer, the projector, the decoder layers
 with the probe, and one decoder layer split into its matmul work (q, k, v, o, gate, up, down) and its attention
-work (`layers.attention`: scores, mask, softmax, pattern @ v), on layer 0's weights and input. The FLOPs of each follow
+work (`layers.attention`: scores, mask, softmax, pattern @ v; in query blocks, and on the whole pattern as a hook
+that does not allow blocks gets it), on layer 0's weights and input. The FLOPs of each follow
 `attention_profile.needed_flops`. Usage:
 python benchmarks/profile_breakdown.py MODEL_DIR [--batch 4] [--repeats 3]
 (MODEL_DIR as built by `attention_profile.build`).
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import attention_profile as ap  # noqa: E402
 
 import vlmjax  # noqa: E402
-from vlmjax.hooks import Context, SiteRunner  # noqa: E402
+from vlmjax.hooks import Context, Hook, SiteRunner  # noqa: E402
 from vlmjax.models import vlm  # noqa: E402
 from vlmjax.models.layers import attention  # noqa: E402
 from vlmjax.probes import VisualAttention  # noqa: E402
@@ -54,7 +55,7 @@ def component_flops(batch: int) -> dict[str, float]:
         vision=2 * t * 3 * 14 * 14 * dv + (s["vision_layers"] - 1) * vision_layer,
         projector=2 * (t - 1) * (dv * dt + dt * dt),
         decoder=(s["text_layers"] - 1) * (layer_matmuls + layer_attention) + last_layer_pattern,
-        layer_matmuls=layer_matmuls, layer_attention=layer_attention).items()}
+        layer_matmuls=layer_matmuls, layer_attention=layer_attention, layer_attention_whole=layer_attention).items()}
 
 
 def main(argv=None) -> int:
@@ -88,9 +89,9 @@ def main(argv=None) -> int:
         x = x + (q + k + v) @ w["o"]["kernel"]
         return x + (jax.nn.silu(x @ w["gate"]["kernel"]) * (x @ w["up"]["kernel"])) @ w["down"]["kernel"]
 
-    def layer_attention(x):
+    def layer_attention(x, hooks):
         q = k = v = x.reshape(b, n, heads, d // heads)
-        return attention(q, k, v, mask, lambda site, value: value, (d // heads) ** -0.5)
+        return attention(q, k, v, mask, SiteRunner(hooks, Context(stack="blocks")), (d // heads) ** -0.5)
 
     timings = {
         "profile": best_seconds(lambda p, bt: model.forward(p, bt, probe, logits=None)["hooks"], (params, batch),
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
         "decoder": best_seconds(lambda p, bt, r: model.forward(p, bt, probe, logits=None, resid=r)["hooks"],
                                 (params, batch, resid), args.repeats),
         "layer_matmuls": best_seconds(layer_matmuls, (layer0, h), args.repeats),
-        "layer_attention": best_seconds(layer_attention, (h,), args.repeats),
+        "layer_attention": best_seconds(lambda x: layer_attention(x, {}), (h,), args.repeats),
+        "layer_attention_whole": best_seconds(lambda x: layer_attention(x, {"whole": Hook()}), (h,), args.repeats),
     }
     flops = component_flops(args.batch)
     peak = ap.matmul_peak()
