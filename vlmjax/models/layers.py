@@ -175,7 +175,7 @@ def causal_allowed(
     return allowed[None, None] & key_padding[:, None, None, :].astype(bool)
 
 
-QUERY_BLOCK_BYTES = 4 << 20  # the scores of one query block in blocked attention: about a core's share of cache
+QUERY_BLOCK_BYTES = 4 << 20  # the scores of one query block in blocked attention on a CPU (L3-sized blocks won)
 
 
 def attention(q, k, v, mask_add, site, scale: float, logit_cap: float | None = None):
@@ -186,11 +186,12 @@ def attention(q, k, v, mask_add, site, scale: float, logit_cap: float | None = N
     (Gemma 2). Sites: attn.scores (pre-softmax, after the mask),
     attn.pattern (post-softmax), attn.z (per-head mixed values [B, Nq, H, hd]).
 
-    When every hook on the stack allows it (`Hook.query_blocks`) and the scores exceed QUERY_BLOCK_BYTES, the
-    queries run in blocks of rows under `jax.lax.map`: each block's scores and pattern stay in cache instead of a
-    [B, H, Nq, Nk] tensor going through memory three times (the attention is memory-bound on a CPU). The values
-    are the same; the hooks see each block's rows at the two sites (`vlmjax.hooks.query_rows`). `site` is the
-    block's SiteRunner, or a function (name, value) -> value (that attention never runs in blocks).
+    On the CPU backend, when every hook on the stack allows it (`Hook.query_blocks`) and the scores exceed
+    QUERY_BLOCK_BYTES, the queries run in blocks of rows under `jax.lax.map`: each block's scores and pattern stay
+    in cache instead of a [B, H, Nq, Nk] tensor going through memory three times (the attention is memory-bound on
+    a CPU; a GPU's or TPU's memory makes that traffic cheap, and a loop over blocks would only serialise the
+    work). The values are the same; the hooks see each block's rows at the two sites (`vlmjax.hooks.query_rows`).
+    `site` is the block's SiteRunner, or a function (name, value) -> value (that attention never runs in blocks).
     """
     heads, kv_heads = q.shape[2], k.shape[2]
     if kv_heads != heads:
@@ -200,7 +201,7 @@ def attention(q, k, v, mask_add, site, scale: float, logit_cap: float | None = N
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     b, h, nq, nk = *q.shape[:3], k.shape[2]
     rows = max(8, QUERY_BLOCK_BYTES // (b * h * nk * jnp.dtype(q.dtype).itemsize))
-    if nq <= rows or not isinstance(site, SiteRunner) or not site.query_blocks():
+    if nq <= rows or jax.default_backend() != "cpu" or not isinstance(site, SiteRunner) or not site.query_blocks():
         return site("attn.z", _attention_rows(q, k, v, mask_add, site, scale, logit_cap).transpose(0, 2, 1, 3))
     blocks = -(-nq // rows)
     rows = -(-nq // blocks)  # the same number of blocks, the least padding
