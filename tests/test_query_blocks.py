@@ -1,7 +1,8 @@
 """Attention in query blocks (models/layers.attention): with QUERY_BLOCK_BYTES set so small that every attention of
 the tiny models runs in several blocks (the last one padded), the forward, the row probes and the interventions at
 the attention sites equal the whole-pattern path (forced by a hook that does not allow blocks) on a left-padded
-batch and on families with other masks (Mistral's sliding window, Qwen2-VL's vision tower, PaliGemma's prefix);
+batch and on every family (Mistral's sliding window, Qwen2-VL's vision tower, PaliGemma's prefix, LLaVA-NeXT,
+InstructBLIP);
 a hook that does not allow blocks, or captures the pattern, gets the whole pattern; a hook that claims to allow
 them but records at the pattern is refused."""
 
@@ -18,6 +19,8 @@ from vlmjax.hooks import Capture, Hook
 from vlmjax.models import layers
 from vlmjax.processors import IMAGE_PROMPT
 from vlmjax.testing.tiny import make_tiny_llava
+from vlmjax.testing.tiny_instructblip import make_tiny_instructblip
+from vlmjax.testing.tiny_llava_next import make_tiny_llava_next
 from vlmjax.testing.tiny_paligemma import make_tiny_paligemma
 from vlmjax.testing.tiny_qwen2_vl import make_tiny_qwen2_vl
 
@@ -97,26 +100,38 @@ def test_row_probes_and_attention_interventions_in_blocks(llava, small_blocks):
              {"remove": iv.RemoveVisualTokens.from_mask(num_layers, np.asarray(meta.mask) & (
                  np.arange(region.shape[1]) % 3 == 0))},
              {"head_mask": iv.HeadMask.heads(num_layers, num_heads, [(0, 1), (2, 3)])}]
+    plain = np.asarray(model(**inputs).logits)
     for edit in [{}, *edits]:
         hooks = {**edit, **metrics}
         blocked, whole = model(**inputs, hooks=hooks), model(**inputs, hooks={**hooks, **WHOLE})
         _assert_same((blocked.logits, blocked.hooks), (whole.logits, {k: whole.hooks[k] for k in blocked.hooks}))
         if edit:  # the edit changed the answer's distribution, so the comparison could fail
-            assert np.abs(np.asarray(blocked.logits) - np.asarray(model(**inputs).logits)).max() > 1e-3, edit
+            assert np.abs(np.asarray(blocked.logits) - plain).max() > 1e-3, edit
 
 
-def test_other_families_masks_in_blocks(tmp_path_factory, small_blocks):
-    qwen = checkpoints(tmp_path_factory, make_tiny_qwen2_vl, "gqa")()
-    inputs = model_inputs(qwen.processor, [f"USER: {IMAGE_PROMPT} what is in the image ?",
-                                           f"USER: {IMAGE_PROMPT} how many red circle are there ? ASSISTANT:"],
-                          random_images([(56, 112), (56, 56)]))
-    paligemma = checkpoints(tmp_path_factory, make_tiny_paligemma, "gemma2")()
-    pg_inputs = model_inputs(paligemma.processor, ["<image>what is in the image ?", "<image>is there a red circle ?"],
-                             random_images([(40, 30)] * 2))
-    for ckpt, feed in ((qwen, inputs), (paligemma, pg_inputs)):
-        hooks = {"visual": probes.VisualAttention()}
-        blocked, whole = ckpt.model(**feed, hooks=hooks), ckpt.model(**feed, hooks={**hooks, **WHOLE})
-        _assert_same((blocked.logits, blocked.hooks["visual"]), (whole.logits, whole.hooks["visual"]))
+FAMILIES = {  # family: (builder, variant, prompts, image sizes)
+    "qwen2_vl": (make_tiny_qwen2_vl, "gqa", [f"USER: {IMAGE_PROMPT} what is in the image ?",
+                                            f"USER: {IMAGE_PROMPT} how many red circle are there ? ASSISTANT:"],
+                 [(56, 112), (56, 56)]),
+    "paligemma": (make_tiny_paligemma, "gemma2", ["<image>what is in the image ?", "<image>is there a red circle ?"],
+                  [(40, 30)] * 2),
+    "llava_next": (make_tiny_llava_next, "vicuna", PROMPTS, [(20, 70), (60, 40)]),
+    "instructblip": (lambda path, variant: make_tiny_instructblip(path), "instructblip",
+                     ["USER: what is in the image ? ASSISTANT:", "USER: how many red circle are there ? ASSISTANT:"],
+                     [(40, 60), (60, 60)]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_families_in_blocks(tmp_path_factory, small_blocks, family):
+    """Qwen2-VL's block-diagonal vision masks and M-RoPE, PaliGemma's prefix-LM mask and soft-capped scores, LLaVA-NeXT's
+    anyres tokens, InstructBLIP's Q-Former (whose cross-attention never runs in blocks)."""
+    make, variant, prompts, sizes = FAMILIES[family]
+    ckpt = checkpoints(tmp_path_factory, make, variant)()
+    feed = model_inputs(ckpt.processor, prompts, random_images(sizes))
+    hooks = {"visual": probes.VisualAttention(), "map": probes.LastQueryVisualMap()}
+    blocked, whole = ckpt.model(**feed, hooks=hooks), ckpt.model(**feed, hooks={**hooks, **WHOLE})
+    _assert_same((blocked.logits, blocked.hooks), (whole.logits, {k: whole.hooks[k] for k in blocked.hooks}))
 
 
 def test_a_pattern_capture_sees_the_whole_pattern_and_false_claims_are_refused(llava, small_blocks):
