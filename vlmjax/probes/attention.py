@@ -41,28 +41,31 @@ class VisualAttention(AttentionRowProbe):
         }
 
 
-class LastQueryVisualMap(AttentionRowProbe):
-    """methods §2 / §5 attention map: the head-mean attention row of the query (default: the last real token), over the
-    visual keys, renormalised to sum 1. Site: attn.pattern. Record [B, N] per layer (0 at non-visual keys)."""
+class SingleQueryProbe(AttentionRowProbe):
+    """A row probe of one query per sample: `query_index` [B] int, or None for the last real token."""
 
-    query_index: Any = None  # [B] int, or None for the last real token
+    query_index: Any = None
 
     def query_weights(self, ctx):
         return (one_hot_query(query_index_or_last(self.query_index, ctx), ctx.key_padding.shape[-1]),)
+
+
+class LastQueryVisualMap(SingleQueryProbe):
+    """methods §2 / §5 attention map: the head-mean attention row of the query (default: the last real token), over the
+    visual keys, renormalised to sum 1. Site: attn.pattern. Record [B, N] per layer (0 at non-visual keys)."""
 
     def from_rows(self, rows, ctx):
         (row,) = rows
         return last_query_visual_map(row, first_query(row), ctx.visual_mask)
 
 
-class VisualHeadAttention(AttentionRowProbe):
+class VisualHeadAttention(SingleQueryProbe):
     """methods §4 per-head inputs of the head detection score, at one query per sample (default: the last real token,
     i.e. the answer's query when the answer token is the last one). Site: attn.pattern. Record per layer:
     image_weight [B, H] (`sum_{j in V} A[h, q, j]`), concentration [B, H] (`1 - H(a) / log N_a` over V
     renormalised) and, with a region mask (e.g. a box, see `with_boxes`), region_weight [B, H]."""
 
-    query_index: Any = None  # [B] int, or None for the last real token
-    region_mask: Any = None  # [B, N] bool, or None
+    region_mask: Any = None  # [B, N] bool, or None (after SingleQueryProbe's query_index)
 
     @classmethod
     def with_boxes(cls, boxes, meta, image_size_hw, query_index=None, mode: str = "centre"):
@@ -78,9 +81,6 @@ class VisualHeadAttention(AttentionRowProbe):
         except ValueError as err:
             raise VlmJaxError(f"Region box: {err}.") from None
         return cls(None if query_index is None else jnp.asarray(query_index, jnp.int32), jnp.asarray(region))
-
-    def query_weights(self, ctx):
-        return (one_hot_query(query_index_or_last(self.query_index, ctx), ctx.key_padding.shape[-1]),)
 
     def from_rows(self, rows, ctx):
         (row,) = rows  # [B, H, 1, Nk]
